@@ -1,0 +1,239 @@
+"""Pure-torch paged attention: the CPU backend and the correctness oracle for FlashInfer.
+
+Prefill sequences attend causally to their whole context (one SDPA call per sequence). Decode
+sequences are batched: each gathers its KV from the block table into a padded
+`[batch, max_len, num_kv_heads, head_dim]` tensor. When the layout has cascade groups, a group's
+shared prefix is gathered once and attended by all members' queries in one matmul, then merged
+with each member's own suffix by log-sum-exp: the math of FlashInfer's cascade attention
+(MultiLevelCascadeAttentionWrapper; "Cascade Inference", FlashInfer blog, 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from parrot_actors.cuda.layout import BatchLayout, SeqLayout
+
+
+def attend_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention returning its log-sum-exp, for merging partial results.
+
+    q: `[rows, num_kv_heads, q_per_kv, head_dim]`; k, v: `[rows, kv_len, num_kv_heads,
+    head_dim]`; valid: `[rows, kv_len]` bool. Returns (out `[rows, num_kv_heads, q_per_kv,
+    head_dim]`, lse `[rows, num_kv_heads, q_per_kv]`, natural log). Every row needs at least one
+    valid position.
+    """
+    scores = torch.einsum("nkgd,nlkd->nkgl", q.float(), k.float()) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    out = torch.einsum("nkgl,nlkd->nkgd", probs, v.float())
+    return out, lse
+
+
+def merge_by_lse(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> torch.Tensor:
+    """Combine two attention results over disjoint KV sets into the result over their union.
+
+    o: `[..., head_dim]`, lse: `[...]`. Source: FlashInfer `merge_state` (cascade docs).
+    """
+    m = torch.maximum(lse1, lse2)
+    w1 = torch.exp(lse1 - m)[..., None]
+    w2 = torch.exp(lse2 - m)[..., None]
+    return (o1 * w1 + o2 * w2) / (w1 + w2)
+
+
+@dataclass
+class _SharedPart:
+    """A cascade group's shared KV positions and the decode rows that read them."""
+
+    rows: torch.Tensor  # [group_size] indices into the step's decodes
+    blocks: torch.Tensor  # [1, shared_blocks] block ids
+    valid: torch.Tensor  # [1, shared_blocks * block_size], all True
+
+
+class TorchAttention:
+    """Paged attention in plain torch (any device, any float dtype; math in float32).
+
+    See `AttentionBackend` for the contract. Raises `RuntimeError` if `forward` runs before
+    `plan`.
+    """
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device
+    ) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.device = device
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self._layout: BatchLayout | None = None
+
+    def plan(self, layout: BatchLayout) -> None:
+        """Precompute gather indices and masks for every layer of this step."""
+        bs = layout.block_size
+        dev = self.device
+        self._layout = layout
+        # (first token, end token, block ids [1, blocks], kv_len, causal mask [q_len, kv_len])
+        self._prefill: list[tuple[int, int, torch.Tensor, int, torch.Tensor]] = []
+        start = 0
+        for s in layout.prefills:
+            blocks = torch.tensor([s.block_table], dtype=torch.long, device=dev)
+            q_pos = torch.arange(s.kv_len - s.query_len, s.kv_len, device=dev)
+            causal = torch.arange(s.kv_len, device=dev)[None, :] <= q_pos[:, None]
+            self._prefill.append((start, start + s.query_len, blocks, s.kv_len, causal))
+            start += s.query_len
+        self._decode_start = start
+        decodes = layout.decodes
+        shared_blocks = [0] * len(decodes)
+        self._shared: list[_SharedPart] = []
+        for g in layout.cascade_groups:
+            if g.shared_blocks == 0:
+                continue
+            table = decodes[g.members[0]].block_table[: g.shared_blocks]
+            rows = torch.tensor(g.members, dtype=torch.long, device=dev)
+            blocks = torch.tensor([table], dtype=torch.long, device=dev)
+            valid = torch.ones(1, g.shared_blocks * bs, dtype=torch.bool, device=dev)
+            self._shared.append(_SharedPart(rows, blocks, valid))
+            for m in g.members:
+                shared_blocks[m] = g.shared_blocks
+        self._decode = None
+        if decodes:
+            own = [s.block_table[shared_blocks[i] :] for i, s in enumerate(decodes)]
+            lens = [s.kv_len - shared_blocks[i] * bs for i, s in enumerate(decodes)]
+            max_blocks = max(len(t) for t in own)
+            blocks = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+            for row, t in enumerate(own):
+                blocks[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+            valid = torch.arange(max_blocks * bs)[None, :] < torch.tensor(lens)[:, None]
+            self._decode = (blocks.to(dev), valid.to(dev))
+
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """q `[num_tokens, num_heads, head_dim]` -> out, same shape and dtype."""
+        if self._layout is None:
+            raise RuntimeError("TorchAttention.forward called before plan()")
+        out = torch.empty_like(q)
+        for start, end, blocks, kv_len, causal in self._prefill:
+            out[start:end] = self._prefill_one(q[start:end], kv_cache, blocks, kv_len, causal)
+        if self._decode is not None:
+            qd = q[self._decode_start :]
+            out[self._decode_start :] = self._decode_all(qd, kv_cache).to(q.dtype)
+        return out
+
+    def _prefill_one(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        blocks: torch.Tensor,
+        kv_len: int,
+        causal: torch.Tensor,
+    ) -> torch.Tensor:
+        k, v = gather_blocks(kv_cache, blocks)  # [1, blocks * block_size, kvh, head_dim]
+        k, v = k[0, :kv_len], v[0, :kv_len]  # [kv_len, num_kv_heads, head_dim]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],  # [1, num_heads, q_len, head_dim]
+            k.transpose(0, 1)[None],  # [1, num_kv_heads, kv_len, head_dim]
+            v.transpose(0, 1)[None],
+            attn_mask=causal,  # [q_len, kv_len]
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)  # [q_len, num_heads, head_dim]
+
+    def _decode_all(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        n, kvh, hd = q.shape[0], self.num_kv_heads, self.head_dim
+        g = self.num_heads // kvh
+        blocks, valid = self._decode
+        k, v = gather_blocks(kv_cache, blocks)  # [batch, max_len, num_kv_heads, head_dim] each
+        if not self._shared:
+            # No shared prefix: one fused SDPA call, no log-sum-exp needed.
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :],  # [batch, num_heads, 1, head_dim]
+                k.transpose(1, 2),  # [batch, num_kv_heads, max_len, head_dim]
+                v.transpose(1, 2),
+                attn_mask=valid[:, None, None, :],  # [batch, 1, 1, max_len]
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            return out[:, :, 0, :]  # [batch, num_heads, head_dim]
+        qg = q.view(n, kvh, g, hd)  # [batch, num_kv_heads, q_per_kv, head_dim]
+        out, lse = attend_with_lse(qg, k, v, valid, self.scale)
+        for part in self._shared:
+            rows = part.rows
+            size = rows.numel()
+            # All members' queries against the shared KV in one matmul: [1, kvh, size*g, D].
+            qs = qg[rows].permute(1, 0, 2, 3).reshape(1, kvh, size * g, hd)
+            ks, vs = gather_blocks(kv_cache, part.blocks)  # [1, shared_len, kvh, head_dim]
+            o_s, lse_s = attend_with_lse(qs, ks, vs, part.valid, self.scale)
+            o_s = o_s.view(kvh, size, g, hd).permute(1, 0, 2, 3)
+            lse_s = lse_s.view(kvh, size, g).permute(1, 0, 2)
+            out[rows] = merge_by_lse(out[rows], lse[rows], o_s, lse_s)
+        return out.reshape(n, self.num_heads, hd)
+
+
+def gather_blocks(
+    kv_cache: torch.Tensor, blocks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of whole blocks, concatenated per row.
+
+    kv_cache: `[num_blocks, 2, block_size, num_kv_heads, head_dim]`; blocks: `[rows,
+    max_blocks]` block ids. Returns k, v: `[rows, max_blocks * block_size, num_kv_heads,
+    head_dim]` (whole blocks are copied, which is much faster than gathering token by token).
+    """
+    rows, nb = blocks.shape
+    _, _, bs, kvh, hd = kv_cache.shape
+    kv = kv_cache.index_select(0, blocks.reshape(-1)).view(rows, nb, 2, bs, kvh, hd)
+    k = kv[:, :, 0].reshape(rows, nb * bs, kvh, hd)
+    v = kv[:, :, 1].reshape(rows, nb * bs, kvh, hd)
+    return k, v
+
+
+def write_kv(
+    kv_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_blocks: torch.Tensor,
+    slot_offsets: torch.Tensor,
+) -> None:
+    """Store the step's new K/V in a layer's cache.
+
+    kv_cache: `[num_blocks, 2, block_size, num_kv_heads, head_dim]`; k, v: `[num_tokens,
+    num_kv_heads, head_dim]`; slot_blocks, slot_offsets: `[num_tokens]` block id and in-block
+    offset of each token (from `slot_mapping`).
+    """
+    kv_cache[slot_blocks, 0, slot_offsets] = k.to(kv_cache.dtype)
+    kv_cache[slot_blocks, 1, slot_offsets] = v.to(kv_cache.dtype)
+
+
+def write_kv_flat(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor
+) -> None:
+    """`write_kv` with precomputed flat indices (faster: one index_copy_ per tensor).
+
+    k_slots: `[num_tokens]` rows of `kv_cache.view(-1, num_kv_heads, head_dim)` that hold each
+    token's K, i.e. `(block * 2) * block_size + offset`; V sits `block_size` rows later.
+    """
+    bs = kv_cache.shape[2]
+    flat = kv_cache.view(-1, kv_cache.shape[3], kv_cache.shape[4])
+    flat.index_copy_(0, k_slots, k.to(kv_cache.dtype))
+    flat.index_copy_(0, k_slots + bs, v.to(kv_cache.dtype))
+
+
+def slot_mapping(layout: BatchLayout) -> tuple[list[int], list[int]]:
+    """Block id and in-block offset for each new token of the step, in token order."""
+    blocks: list[int] = []
+    offsets: list[int] = []
+    bs = layout.block_size
+    seq: SeqLayout
+    for seq in layout.sequences():
+        for pos in range(seq.kv_len - seq.query_len, seq.kv_len):
+            blocks.append(seq.block_table[pos // bs])
+            offsets.append(pos % bs)
+    return blocks, offsets

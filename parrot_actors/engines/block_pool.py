@@ -1,0 +1,80 @@
+"""The KV block pool: block ids, reference counts and the free list. Integers only, no tensors.
+
+The pool is the one owner of block ids. A block with refcount > 1 is shared (a forked parent's
+full blocks) and must not be written; `BlockPool.is_exclusive` tells the engine when to copy on
+write. Source: PagedAttention (Kwon et al., SOSP 2023, §4.2-4.4: block tables, reference counts,
+copy-on-write on fork).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from parrot_actors.errors import EngineError
+
+
+class OutOfBlocksError(EngineError):
+    """The pool has fewer free blocks than asked for (the engine preempts or waits)."""
+
+
+class BlockPool:
+    """A fixed set of `num_blocks` KV blocks, each holding `block_size` tokens.
+
+    Raises `OutOfBlocksError` when an allocation cannot be satisfied (nothing is allocated then)
+    and `ValueError` on a refcount underflow or an unknown block id (an engine bug, never user
+    input).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks={num_blocks}, block_size={block_size}: both must be > 0")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._refcount = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        """Blocks with refcount 0."""
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks with refcount > 0."""
+        return self.num_blocks - len(self._free)
+
+    def refcount(self, block_id: int) -> int:
+        """Current reference count of `block_id`."""
+        return self._refcount[block_id]
+
+    def is_exclusive(self, block_id: int) -> bool:
+        """True if exactly one owner holds `block_id` (safe to write in place)."""
+        return self._refcount[block_id] == 1
+
+    def allocate(self, n: int) -> list[int]:
+        """Take `n` free blocks (refcount 1 each). All or nothing: raises `OutOfBlocksError`."""
+        if n > len(self._free):
+            raise OutOfBlocksError(f"need {n} KV blocks, {len(self._free)} free")
+        ids = [self._free.popleft() for _ in range(n)]
+        for b in ids:
+            self._refcount[b] = 1
+        return ids
+
+    def incref(self, block_ids: list[int]) -> None:
+        """Add one owner to each block (a fork sharing the parent's full blocks)."""
+        for b in block_ids:
+            if self._refcount[b] <= 0:
+                raise ValueError(f"incref of free block {b}")
+            self._refcount[b] += 1
+
+    def decref(self, block_ids: list[int]) -> list[int]:
+        """Drop one owner from each block; return the ids that became free."""
+        freed = []
+        for b in block_ids:
+            if self._refcount[b] <= 0:
+                raise ValueError(f"decref of free block {b}")
+            self._refcount[b] -= 1
+            if self._refcount[b] == 0:
+                freed.append(b)
+                self._free.append(b)
+        return freed

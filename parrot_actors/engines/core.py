@@ -1,0 +1,497 @@
+"""The synchronous engine core: requests, continuous batching, preemption, sampling.
+
+Deterministic and free of asyncio: the async `Engine` actor calls `schedule()` to pick the
+step's work (cheap, integer bookkeeping), runs `execute()` (the forward pass, may run in a worker
+thread) and then `finish_step()` to sample and report. Sources: continuous batching (Yu et al.,
+Orca, OSDI 2022, §4: iteration-level scheduling), chunked prefill (Agrawal et al., Sarathi,
+2023), preemption by recomputation (Kwon et al., vLLM, SOSP 2023, §4.5).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from parrot_actors.cuda.layout import BatchLayout, SeqLayout, plan_cascade
+from parrot_actors.engines.block_pool import BlockPool
+from parrot_actors.engines.contexts import Context, ContextTable
+from parrot_actors.engines.detokenizer import Detokenizer
+from parrot_actors.engines.llama import LlamaRunner
+from parrot_actors.engines.sampler import make_generator, sample
+from parrot_actors.errors import CapacityError, EngineError, InvalidRequestError
+from parrot_actors.messages import (
+    LATENCY_PRIORITY,
+    EngineStats,
+    FillResult,
+    GenerateResult,
+    SamplingParams,
+    TokenDelta,
+)
+
+
+@dataclass(eq=False)
+class Request:
+    """One fill or generate on a context, from arrival to finish.
+
+    on_token(delta) runs for every sampled token of a generate; on_finish(result, error) runs
+    once, with a `FillResult`/`GenerateResult` or an exception.
+    """
+
+    kind: str  # "fill" | "generate"
+    ctx: Context
+    priority: int
+    seq: int
+    on_finish: Callable[[object, BaseException | None], None]
+    on_token: Callable[[TokenDelta], None] | None = None
+    sampling: SamplingParams | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    generator: torch.Generator | None = None
+    detok: Detokenizer | None = None
+    stop_ids: frozenset[int] = frozenset()
+    prompt_tokens: int = 0
+    appended: int = 0
+    computed: int = 0
+    reused: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    running: bool = False
+    done: bool = False
+
+    def rank(self) -> tuple[int, int]:
+        """Admission order: lower priority value first, then arrival order."""
+        return (self.priority, self.seq)
+
+
+@dataclass
+class StepPlan:
+    """The work of one step: which requests compute how many tokens, and the batch layout."""
+
+    items: list[tuple[Request, int]]  # (request, new tokens), in the layout's token order
+    layout: BatchLayout
+    token_ids: list[int]
+    positions: list[int]
+    logit_rows: list[int]
+    logit_reqs: list[Request]
+
+
+class EngineCore:
+    """Continuous batching over one model and one KV pool.
+
+    Each step admits requests in rank order (latency-critical before throughput, then arrival)
+    within `max_batch_tokens` new tokens and `max_running` sequences: running decodes cost one
+    token, fills are chunked to what the budget leaves. When the pool runs out of blocks it
+    preempts the lowest-ranked running request (drops its KV; recomputed when it runs again).
+    A request that cannot fit even alone fails with `CapacityError`.
+    """
+
+    def __init__(
+        self,
+        runner: LlamaRunner,
+        tokenizer: object,
+        num_blocks: int,
+        block_size: int,
+        max_batch_tokens: int = 2048,
+        max_running: int = 64,
+        cascade: bool = True,
+        name: str = "engine0",
+        model_name: str = "",
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.pool = BlockPool(num_blocks, block_size)
+        self.contexts = ContextTable(self.pool)
+        self.kv_caches = runner.allocate_kv(num_blocks, block_size)
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.cascade = cascade
+        self.running: list[Request] = []
+        self.waiting: list[Request] = []
+        self.stats = EngineStats(
+            name=name, model=model_name, kv_blocks_total=num_blocks, block_size=block_size
+        )
+        self._seq = itertools.count()
+        self.batch_sizes: list[int] = []
+
+    # ---- contexts -------------------------------------------------------------------------
+
+    def _check_tokens(self, ctx: Context, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError(f"fill of context {ctx.id!r} with no tokens: empty prompt")
+        bad = [t for t in token_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids {bad[:5]} outside the vocabulary [0, {self.runner.vocab_size})"
+            )
+        total = len(ctx.tokens) + len(token_ids)
+        if total > self.runner.max_len:
+            raise InvalidRequestError(
+                f"context {ctx.id!r} would hold {total} tokens; the model's maximum length is "
+                f"{self.runner.max_len}"
+            )
+
+    def open_context(self, context_id: str, parent_context_id: str | None) -> tuple[Context, int]:
+        """The context a fill appends to: existing, new, or forked from a parent (returns the
+        context and the tokens reused from the parent)."""
+        if parent_context_id is None:
+            if context_id in self.contexts:
+                return self.contexts.get(context_id), 0
+            return self.contexts.create(context_id), 0
+        if context_id in self.contexts:
+            raise InvalidRequestError(
+                f"context {context_id!r} already exists; parent_context_id only creates new ones"
+            )
+        child, copy, reused = self.contexts.fork(context_id, parent_context_id)
+        if copy is not None:
+            for cache in self.kv_caches:
+                cache[copy.dst, :, : copy.num_tokens] = cache[copy.src, :, : copy.num_tokens]
+        self.stats.reused_tokens += reused
+        return child, reused
+
+    def free_context(self, context_id: str) -> None:
+        """Release a context's blocks. Its running request, if any, is dropped silently (the
+        async shell cancels it first)."""
+        ctx = self.contexts.get(context_id)
+        for req in [r for r in self.running + self.waiting if r.ctx is ctx]:
+            self._remove(req)
+        self.contexts.free(context_id)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_fill(
+        self, ctx: Context, token_ids: list[int], priority: int, reused: int, on_finish: Callable
+    ) -> Request:
+        """Append `token_ids` to `ctx` and queue their computation. Raises `InvalidRequestError`
+        for an empty list, ids outside the vocabulary, or a context beyond the model length."""
+        self._check_tokens(ctx, token_ids)
+        ctx.tokens.extend(token_ids)
+        req = Request(
+            "fill",
+            ctx,
+            priority,
+            next(self._seq),
+            on_finish,
+            appended=len(token_ids),
+            reused=reused,
+        )
+        self._check_fits(req, len(ctx.tokens))
+        self.waiting.append(req)
+        return req
+
+    def add_generate(
+        self,
+        ctx: Context,
+        sampling: SamplingParams,
+        priority: int,
+        on_finish: Callable,
+        on_token: Callable | None = None,
+    ) -> Request:
+        """Queue a generation on `ctx`. Raises `InvalidRequestError` for bad sampling or an
+        empty context, `CapacityError` if the context cannot fit the KV pool even alone."""
+        sampling.validate()
+        if not ctx.tokens:
+            raise InvalidRequestError(
+                f"generate on context {ctx.id!r} with no tokens: empty prompt"
+            )
+        if len(ctx.tokens) >= self.runner.max_len:
+            raise InvalidRequestError(
+                f"context {ctx.id!r} holds {len(ctx.tokens)} tokens, the model's maximum length "
+                f"{self.runner.max_len}: no room to generate"
+            )
+        if sampling.stop_token_ids is not None:
+            stop_ids = frozenset(sampling.stop_token_ids)
+        else:
+            stop_ids = frozenset() if sampling.ignore_eos else frozenset(self.runner.eos_token_ids)
+        req = Request(
+            "generate",
+            ctx,
+            priority,
+            next(self._seq),
+            on_finish,
+            on_token,
+            sampling,
+            generator=make_generator(sampling),
+            detok=Detokenizer(self.tokenizer, sampling.stop),
+            stop_ids=stop_ids,
+            prompt_tokens=len(ctx.tokens),
+        )
+        self._check_fits(req, min(len(ctx.tokens) + sampling.max_tokens, self.runner.max_len))
+        self.waiting.append(req)
+        return req
+
+    def _check_fits(self, req: Request, tokens: int) -> None:
+        need = -(-tokens // self.pool.block_size)
+        if need > self.pool.num_blocks:
+            raise CapacityError(
+                f"context {req.ctx.id!r} needs {need} KV blocks for {tokens} tokens; the engine "
+                f"has {self.pool.num_blocks} in all (raise kv_cache_bytes)"
+            )
+
+    def cancel(self, req: Request, error: BaseException) -> None:
+        """Stop a queued or running request and report `error` to its owner."""
+        if not req.done:
+            self._remove(req)
+            self._finish(req, None, error)
+
+    def _remove(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.running = False
+
+    def _finish(self, req: Request, result: object, error: BaseException | None) -> None:
+        req.done = True
+        self._remove(req)
+        req.on_finish(result, error)
+
+    def has_work(self) -> bool:
+        """True if any request is queued or running."""
+        return bool(self.running or self.waiting)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def _start_without_compute(self, req: Request) -> bool:
+        """Finish or advance a request that needs no forward pass (a fill of tokens already
+        computed, a generate whose context's last logits are known). True if it was handled."""
+        ctx = req.ctx
+        if ctx.num_pending:
+            return False
+        if req.kind == "fill":
+            self._finish_fill(req)
+            return True
+        if ctx.last_logits is not None and not req.output_ids:
+            self._sample_into(req, ctx.last_logits)
+            return req.done
+        return False
+
+    def schedule(self) -> StepPlan | None:
+        """Pick this step's work and allocate its blocks; None if there is nothing to compute."""
+        heads = self._context_heads()
+        for req in sorted(self.waiting, key=Request.rank):
+            if req in heads:
+                self._start_without_compute(req)
+        budget = self.max_batch_tokens
+        chosen: list[tuple[Request, int]] = []
+        decodes_first = sorted(
+            (r for r in self.running if r.ctx.num_pending == 1), key=Request.rank
+        )
+        rest = sorted(
+            (r for r in self.running + self.waiting if r.ctx.num_pending != 1 or not r.running),
+            key=Request.rank,
+        )
+        for req in dict.fromkeys(decodes_first + rest):
+            if req.done or req not in heads or budget == 0 or len(chosen) >= self.max_running:
+                continue
+            n = min(req.ctx.num_pending, budget)
+            if n == 0:
+                continue
+            if not self._reserve(req, n, chosen):
+                break
+            chosen.append((req, n))
+            budget -= n
+            if not req.running:
+                req.running = True
+                self.waiting.remove(req)
+                self.running.append(req)
+        if not chosen:
+            self._fail_stuck()
+            return None
+        return self._plan(chosen)
+
+    def _context_heads(self) -> set[Request]:
+        """The oldest unfinished request of each context: requests on one context run in
+        arrival order, one at a time."""
+        heads: dict[int, Request] = {}
+        for req in self.running + self.waiting:
+            cur = heads.get(id(req.ctx))
+            if cur is None or req.seq < cur.seq:
+                heads[id(req.ctx)] = req
+        return set(heads.values())
+
+    def _reserve(self, req: Request, n: int, chosen: list[tuple[Request, int]]) -> bool:
+        """Allocate blocks for `n` more tokens of `req`, preempting lower-ranked running
+        requests as needed. False if even that does not free enough."""
+        ctx = req.ctx
+        target = ctx.num_computed + n
+        while self.contexts.blocks_needed(ctx, target) > self.pool.num_free:
+            victims = [
+                r for r in self.running if r is not req and r.rank() > req.rank() and r.ctx.blocks
+            ]
+            if not victims:
+                return False
+            victim = max(victims, key=Request.rank)
+            self._preempt(victim, chosen)
+        self.contexts.ensure_blocks(ctx, target)
+        return True
+
+    def _preempt(self, victim: Request, chosen: list[tuple[Request, int]]) -> None:
+        chosen[:] = [(r, n) for r, n in chosen if r is not victim]
+        self.contexts.drop_kv(victim.ctx)
+        self.running.remove(victim)
+        victim.running = False
+        self.waiting.append(victim)
+        self.stats.preemptions += 1
+
+    def _fail_stuck(self) -> None:
+        """Nothing could run: if nothing is running either, the head request waits for blocks
+        held by idle contexts that may never be freed, so it fails rather than hangs."""
+        if self.running or not self.waiting:
+            return
+        head = min(self.waiting, key=Request.rank)
+        if (
+            head.ctx.num_pending
+            and self.contexts.blocks_needed(head.ctx, head.ctx.num_computed + 1)
+            > self.pool.num_free
+        ):
+            self._finish(
+                head,
+                None,
+                CapacityError(
+                    f"KV cache full: {self.pool.num_used} of {self.pool.num_blocks} blocks are "
+                    "held by idle contexts; free some contexts or raise kv_cache_bytes"
+                ),
+            )
+
+    def _plan(self, chosen: list[tuple[Request, int]]) -> StepPlan:
+        bs = self.pool.block_size
+        seq_of: dict[int, tuple[Request, int]] = {}
+        prefills: list[SeqLayout] = []
+        decodes: list[SeqLayout] = []
+        for req, n in chosen:
+            ctx = req.ctx
+            kv_len = ctx.num_computed + n
+            seq = SeqLayout(n, kv_len, tuple(ctx.blocks[: -(-kv_len // bs)]))
+            seq_of[id(seq)] = (req, n)
+            (decodes if n == 1 and ctx.num_computed > 0 else prefills).append(seq)
+        groups: list = []
+        if self.cascade and len(decodes) > 1:
+            decodes, groups = plan_cascade(decodes, bs)
+        layout = BatchLayout(bs, tuple(prefills), tuple(decodes), tuple(groups))
+        items = [seq_of[id(s)] for s in layout.sequences()]
+        token_ids: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        logit_reqs: list[Request] = []
+        for req, n in items:
+            ctx = req.ctx
+            token_ids.extend(ctx.tokens[ctx.num_computed : ctx.num_computed + n])
+            positions.extend(range(ctx.num_computed, ctx.num_computed + n))
+            if n == ctx.num_pending:
+                logit_rows.append(len(token_ids) - 1)
+                logit_reqs.append(req)
+        return StepPlan(items, layout, token_ids, positions, logit_rows, logit_reqs)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """The step's forward pass: float32 logits `[len(plan.logit_rows), vocab]`. Touches
+        only tensors and the plan, so it may run in a worker thread."""
+        return self.runner.forward(
+            plan.token_ids, plan.positions, plan.layout, self.kv_caches, plan.logit_rows
+        )
+
+    def finish_step(self, plan: StepPlan, logits: torch.Tensor) -> None:
+        """Advance every request of the step: count computed tokens, store or sample logits,
+        finish what is done."""
+        self.stats.steps += 1
+        self.batch_sizes.append(len(plan.items))
+        for req, n in plan.items:
+            # A decode computes the one token it sampled; everything else is prefill, including
+            # recomputation after preemption.
+            decode = (
+                req.kind == "generate"
+                and n == 1
+                and bool(req.output_ids)
+                and (req.ctx.num_pending == 1)
+            )
+            self.stats.prefill_tokens += 0 if decode else n
+            req.ctx.num_computed += n
+            req.computed += n
+        rows = {id(r): i for i, r in enumerate(plan.logit_reqs)}
+        for req, _ in plan.items:
+            if req.done:
+                continue
+            row = rows.get(id(req))
+            if row is None:
+                continue
+            last = logits[row]
+            req.ctx.last_logits = last
+            if req.kind == "fill":
+                self._finish_fill(req)
+            else:
+                self._sample_into(req, last)
+
+    def _finish_fill(self, req: Request) -> None:
+        ctx = req.ctx
+        self._finish(
+            req,
+            FillResult(
+                context_id=ctx.id,
+                appended_tokens=req.appended,
+                computed_tokens=req.computed,
+                reused_tokens=req.reused,
+                context_len=len(ctx.tokens),
+            ),
+            None,
+        )
+
+    def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
+        sp = req.sampling
+        token = sample(logits, sp, req.generator)
+        now = time.perf_counter()
+        req.first_token_at = req.first_token_at or now
+        req.output_ids.append(token)
+        req.ctx.tokens.append(token)
+        req.ctx.last_logits = None
+        self.stats.generated_tokens += 1
+        delta_text, stop_hit = req.detok.add(token)
+        reason = None
+        if token in req.stop_ids:
+            reason = "stop"
+            req.ctx.tokens.pop()  # a stop token ends the output; it never enters the context
+        elif stop_hit:
+            reason = "stop"
+        elif len(req.output_ids) >= sp.max_tokens or len(req.ctx.tokens) >= self.runner.max_len:
+            reason = "length"
+        if req.on_token is not None:
+            req.on_token(
+                TokenDelta(
+                    token_id=token,
+                    text=delta_text if reason is None else delta_text + req.detok.flush(),
+                    finish_reason=reason,
+                )
+            )
+        if reason is not None:
+            text = req.detok.final_text()
+            self._finish(
+                req,
+                GenerateResult(
+                    token_ids=list(req.output_ids),
+                    text=text,
+                    finish_reason=reason,
+                    prompt_tokens=req.prompt_tokens,
+                    completion_tokens=len(req.output_ids),
+                    ttft_s=req.first_token_at - req.arrival,
+                    decode_s=now - req.first_token_at,
+                ),
+                None,
+            )
+
+    def fail_all(self, error: EngineError) -> None:
+        """Finish every queued and running request with `error` (engine shutdown)."""
+        for req in list(self.running + self.waiting):
+            self._finish(req, None, error)
+
+    def snapshot(self) -> EngineStats:
+        """Current counters (a copy)."""
+        s = self.stats
+        s.kv_blocks_used = self.pool.num_used
+        s.running = len(self.running)
+        s.waiting = len(self.waiting)
+        s.contexts = len(self.contexts)
+        return EngineStats(**{f: getattr(s, f) for f in s.__struct_fields__})
+
+
+__all__ = ["EngineCore", "Request", "StepPlan", "LATENCY_PRIORITY"]

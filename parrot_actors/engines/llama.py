@@ -1,0 +1,161 @@
+"""Our own forward pass for the Llama family over a paged KV cache.
+
+RMSNorm, rotary position embedding (inv_freq and scaling from transformers' own
+`LlamaRotaryEmbedding`, so every rope_type the config names is computed the library's way),
+grouped-query attention through an `AttentionBackend`, SwiGLU MLP, tied or separate LM head.
+Source: Touvron et al., "Llama 2" (2023) §2; the transformers `modeling_llama` reference.
+Weights are taken from a Hugging Face state dict; q/k/v and gate/up projections are fused so a
+layer does three matmuls instead of seven.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parrot_actors.cuda.backend import AttentionBackend
+from parrot_actors.cuda.layout import BatchLayout
+from parrot_actors.cuda.torch_backend import slot_mapping, write_kv_flat
+from parrot_actors.engines.model_loader import LoadedModel
+
+
+class _Layer:
+    """One decoder layer's weights (on the runner's device and dtype)."""
+
+    def __init__(
+        self, sd: dict[str, torch.Tensor], prefix: str, dev: torch.device, dtype: torch.dtype
+    ) -> None:
+        def w(name: str) -> torch.Tensor:
+            return sd[prefix + name].to(device=dev, dtype=dtype)
+
+        # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]
+        self.qkv = torch.cat(
+            [
+                w("self_attn.q_proj.weight"),
+                w("self_attn.k_proj.weight"),
+                w("self_attn.v_proj.weight"),
+            ]
+        )
+        self.o = w("self_attn.o_proj.weight")  # [hidden, num_heads * head_dim]
+        self.gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])  # [2*I, H]
+        self.down = w("mlp.down_proj.weight")  # [hidden, intermediate]
+        self.norm1 = w("input_layernorm.weight")  # [hidden]
+        self.norm2 = w("post_attention_layernorm.weight")  # [hidden]
+
+
+class LlamaRunner:
+    """Runs Llama forward passes for one engine step at a time.
+
+    Attributes: num_layers, num_heads, num_kv_heads, head_dim, vocab_size, max_len (the
+    config's max_position_embeddings, in tokens), eos_token_ids.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        dtype: torch.dtype,
+        backend: AttentionBackend,
+    ) -> None:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        cfg = loaded.config
+        sd = loaded.state_dict
+        self.device, self.dtype, self.backend = device, dtype, backend
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.hidden = cfg.hidden_size
+        self.vocab_size = cfg.vocab_size
+        self.max_len = cfg.max_position_embeddings
+        self.eps = cfg.rms_norm_eps
+        self.embed = sd["model.embed_tokens.weight"].to(device=device, dtype=dtype)  # [V, H]
+        head = sd.get("lm_head.weight")
+        self.lm_head = self.embed if head is None else head.to(device=device, dtype=dtype)
+        self.final_norm = sd["model.norm.weight"].to(device=device, dtype=dtype)  # [hidden]
+        self.layers = [
+            _Layer(sd, f"model.layers.{i}.", device, dtype) for i in range(self.num_layers)
+        ]
+        rotary = LlamaRotaryEmbedding(cfg)
+        pos = torch.arange(self.max_len, dtype=torch.float32)
+        freqs = torch.outer(pos, rotary.inv_freq.float())  # [max_len, head_dim / 2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_len, head_dim]
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)  # [max_len, head_dim]
+        self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
+        eos = loaded.tokenizer.eos_token_id
+        gen_eos = getattr(cfg, "eos_token_id", None)
+        ids = {eos} if eos is not None else set()
+        ids |= set(
+            gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+        )
+        self.eos_token_ids = tuple(sorted(ids))
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of K and V for one block of `block_size` tokens across all layers."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return self.num_layers * 2 * block_size * self.num_kv_heads * self.head_dim * elem
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
+        """One zeroed cache per layer, `[num_blocks, 2, block_size, num_kv_heads, head_dim]`."""
+        shape = (num_blocks, 2, block_size, self.num_kv_heads, self.head_dim)
+        return [
+            torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)
+        ]
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 as the reference does, whatever the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * xf.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [num_tokens, heads, head_dim]; cos/sin [num_tokens, 1, head_dim]; rotate-half form.
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        layout: BatchLayout,
+        kv_caches: list[torch.Tensor],
+        logit_rows: list[int],
+    ) -> torch.Tensor:
+        """One step: compute and store K/V for `token_ids`, return logits of `logit_rows`.
+
+        token_ids, positions: `[num_tokens]` in the layout's token order. logit_rows: indices of
+        the tokens whose next-token logits are wanted (the last new token of each sequence that
+        samples or finishes a fill). Returns float32 `[len(logit_rows), vocab_size]`.
+        """
+        dev = self.device
+        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)  # [T]
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
+        blocks, offsets = slot_mapping(layout)
+        bs = layout.block_size
+        k_slots = torch.tensor(
+            [b * 2 * bs + o for b, o in zip(blocks, offsets)], dtype=torch.long, device=dev
+        )  # [T] rows of the flat cache
+        self.backend.plan(layout)
+        cos = self.cos[pos][:, None, :]  # [T, 1, head_dim]
+        sin = self.sin[pos][:, None, :]
+        n_q, n_kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        x = self.embed[ids]  # [T, hidden]
+        for layer, cache in zip(self.layers, kv_caches):
+            h = self._rms(x, layer.norm1)
+            qkv = F.linear(h, layer.qkv)  # [T, (n_q + 2 n_kv) * hd]
+            q, k, v = qkv.split([n_q * hd, n_kv * hd, n_kv * hd], dim=-1)
+            q = self._rope(q.view(-1, n_q, hd), cos, sin)  # [T, n_q, hd]
+            k = self._rope(k.view(-1, n_kv, hd), cos, sin)  # [T, n_kv, hd]
+            write_kv_flat(cache, k, v.view(-1, n_kv, hd), k_slots)
+            attn = self.backend.forward(q, cache)  # [T, n_q, hd]
+            x = x + F.linear(attn.reshape(-1, n_q * hd), layer.o)
+            h = self._rms(x, layer.norm2)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)  # [T, intermediate] each
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
+        h = self._rms(x[rows], self.final_norm)  # [R, hidden]
+        return F.linear(h, self.lm_head).float()  # [R, vocab]

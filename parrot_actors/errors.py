@@ -1,0 +1,41 @@
+"""Typed errors of parrot_actors. Every error a user can cause is a subclass of `ParrotError`.
+
+Each message names the bad value and what is allowed, so a client can fix its request without
+reading server logs.
+"""
+
+from __future__ import annotations
+
+
+class ParrotError(Exception):
+    """Base class of every error parrot_actors raises on purpose."""
+
+
+class TemplateError(ParrotError):
+    """A semantic function's template or its call graph is malformed (raised at decoration or
+    submission time)."""
+
+
+class CallError(ParrotError):
+    """A semantic call failed; raised by every variable downstream of it, chained to the cause."""
+
+
+class EngineError(ParrotError):
+    """An engine rejected a request (unknown context, bad sampling parameters, too long a
+    context) or died while serving it."""
+
+
+class InvalidRequestError(EngineError):
+    """A request's arguments are outside what the engine accepts (the message says which)."""
+
+
+class ContextNotFoundError(EngineError):
+    """A context id that the engine does not hold (never created, or already freed)."""
+
+
+class CapacityError(EngineError):
+    """A single request can never fit in the engine's KV cache or model length, even alone."""
+
+
+class SessionError(ParrotError):
+    """A service session is unknown, expired, or over its limits."""

@@ -1,0 +1,122 @@
+"""Typed messages that cross layer boundaries (scheduler <-> engine, engine -> clients).
+
+All are msgspec structs: small, immutable where possible, and serializable to JSON or msgpack
+unchanged, so the same messages travel between local actors, Ray actors and HTTP.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from parrot_actors.errors import InvalidRequestError
+
+LATENCY_PRIORITY = 0
+"""Engine priority of latency-critical work: admitted first, preempted last."""
+THROUGHPUT_PRIORITY = 1
+"""Engine priority of throughput work: admitted after latency work, preempted first."""
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick tokens in `Engine.generate`.
+
+    temperature: 0 means greedy (argmax); > 0 scales logits (units: none).
+    top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass in (0, 1].
+    seed: per-request seed, so sampled outputs are reproducible (None = nondeterministic).
+    max_tokens: tokens to generate at most (> 0).
+    stop: strings that end generation; the returned text stops before the first match.
+    stop_token_ids: token ids that end generation; None means the model's EOS ids.
+    ignore_eos: keep going past EOS (benchmarks use it to fix output lengths).
+
+    Raises `InvalidRequestError` from `validate()` naming the bad field and the allowed range.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+
+    def validate(self) -> SamplingParams:
+        """Return self if every field is in range, else raise `InvalidRequestError`."""
+        if not self.temperature >= 0.0:
+            raise InvalidRequestError(f"temperature={self.temperature!r}: must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p={self.top_p!r}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k={self.top_k!r}: must be >= 0 (0 disables it)")
+        if self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens={self.max_tokens!r}: must be > 0")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError(f"stop={list(self.stop)!r}: stop strings must be non-empty")
+        return self
+
+
+class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of one `Engine.generate`.
+
+    token_ids: generated ids (the stop token included when one ended it).
+    text: decoded text, cut before a matched stop string.
+    finish_reason: "stop" (EOS, stop token or stop string) or "length" (max_tokens reached).
+    prompt_tokens: tokens in the context before generation. completion_tokens: len(token_ids).
+    ttft_s / decode_s: seconds from request arrival to the first token, and from the first to
+    the last token.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class TokenDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """One streamed step of a generation: a new token id and the text it adds (may be "" while
+    a multi-byte character or a possible stop string is still incomplete). `finish_reason` is set
+    on the last delta only."""
+
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+
+
+class FillResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of one `Engine.fill`: tokens appended, tokens computed by this fill, and the
+    context's length afterwards (all in tokens). `reused_tokens` counts tokens whose KV came from
+    a fork parent or the prefix cache instead of being computed."""
+
+    context_id: str
+    appended_tokens: int
+    computed_tokens: int
+    reused_tokens: int
+    context_len: int
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    """Counters of one engine since start (tokens are counts, not rates).
+
+    prefill_tokens: tokens whose KV the engine computed (fills, prompts, recomputation).
+    reused_tokens: tokens whose KV was shared by fork or found in the prefix cache.
+    generated_tokens: tokens sampled. preemptions: generations whose KV was dropped to be
+    recomputed later. kv_blocks_used / kv_blocks_total: blocks of the KV pool (block_size
+    tokens each). running / waiting: requests in the batch / queued. contexts: live contexts.
+    """
+
+    name: str = "engine0"
+    model: str = ""
+    prefill_tokens: int = 0
+    reused_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_cached_blocks: int = 0
+    block_size: int = 16
+    running: int = 0
+    waiting: int = 0
+    contexts: int = 0

@@ -1,0 +1,119 @@
+"""Sampling, stop conditions, streaming and multi-turn contexts on a tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from parrot_actors.engines.sampler import sample
+from parrot_actors.messages import SamplingParams
+
+
+async def gen(engine, cid, sampling, prompt=(3, 4, 5, 6)):
+    await engine.fill(cid, token_ids=list(prompt))
+    result = await engine.generate(cid, sampling)
+    await engine.free_context(cid)
+    return result
+
+
+async def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_engine):
+    sp = SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True
+    )
+    alone = await gen(tiny_engine, "a", sp)
+    crowd = await asyncio.gather(
+        gen(tiny_engine, "b", sp),
+        *[
+            gen(tiny_engine, f"n{i}", SamplingParams(temperature=1.0, max_tokens=12))
+            for i in range(3)
+        ],
+    )
+    assert crowd[0].token_ids == alone.token_ids
+    other = await gen(
+        tiny_engine,
+        "c",
+        SamplingParams(
+            temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=12, ignore_eos=True
+        ),
+    )
+    assert other.token_ids != alone.token_ids
+
+
+async def test_top_k_one_is_greedy(tiny_engine):
+    greedy = await gen(tiny_engine, "g", SamplingParams(max_tokens=10, ignore_eos=True))
+    topk = await gen(
+        tiny_engine,
+        "k",
+        SamplingParams(temperature=0.7, top_k=1, seed=5, max_tokens=10, ignore_eos=True),
+    )
+    assert topk.token_ids == greedy.token_ids
+    assert greedy.finish_reason == "length" and greedy.completion_tokens == 10
+
+
+def test_sample_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    sp = SamplingParams(temperature=1.0, top_p=0.7)
+    gen = torch.Generator().manual_seed(0)
+    seen = {sample(logits, sp, gen) for _ in range(200)}
+    assert seen == {0, 1}
+    assert sample(logits, SamplingParams(), None) == 0
+
+
+async def test_stop_token_and_stop_string(tiny_engine):
+    free = await gen(tiny_engine, "f", SamplingParams(max_tokens=12, ignore_eos=True))
+    stop_id = free.token_ids[4]
+    first = free.token_ids.index(stop_id)
+    stopped = await gen(tiny_engine, "s", SamplingParams(max_tokens=12, stop_token_ids=(stop_id,)))
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    assert stopped.finish_reason == "stop"
+    text = free.text
+    needle = text[len(text) // 2 : len(text) // 2 + 3]
+    if needle.strip():
+        by_string = await gen(
+            tiny_engine, "t", SamplingParams(max_tokens=12, ignore_eos=True, stop=(needle,))
+        )
+        assert by_string.finish_reason == "stop"
+        assert by_string.text == text[: text.index(needle)]
+
+
+async def test_streaming_yields_the_same_tokens_and_text(tiny_engine):
+    sp = SamplingParams(max_tokens=10, ignore_eos=True)
+    whole = await gen(tiny_engine, "w", sp)
+    await tiny_engine.fill("st", token_ids=[3, 4, 5, 6])
+    deltas = [d async for d in await tiny_engine.generate("st", sp, stream=True)]
+    assert [d.token_id for d in deltas] == whole.token_ids
+    assert "".join(d.text for d in deltas) == whole.text
+    assert deltas[-1].finish_reason == "length" and all(
+        d.finish_reason is None for d in deltas[:-1]
+    )
+    await tiny_engine.free_context("st")
+
+
+async def test_closing_a_stream_early_cancels_and_frees(tiny_engine):
+    await tiny_engine.fill("c", token_ids=[3, 4, 5, 6])
+    stream = await tiny_engine.generate(
+        "c", SamplingParams(max_tokens=400, ignore_eos=True), stream=True
+    )
+    async for _ in stream:
+        break
+    await stream.aclose()
+    await tiny_engine.free_context("c")
+    assert tiny_engine.stats().running == 0
+    assert tiny_engine.stats().kv_blocks_used == 0
+
+
+async def test_fill_generate_alternate_on_one_context(tiny_engine):
+    await tiny_engine.fill("m", token_ids=[3, 4, 5])
+    a = await tiny_engine.generate("m", SamplingParams(max_tokens=4, ignore_eos=True))
+    await tiny_engine.fill("m", token_ids=[7, 8])
+    b = await tiny_engine.generate("m", SamplingParams(max_tokens=4, ignore_eos=True))
+    await tiny_engine.free_context("m")
+    flat = await gen(
+        tiny_engine,
+        "flat",
+        SamplingParams(max_tokens=4, ignore_eos=True),
+        prompt=[3, 4, 5, *a.token_ids, 7, 8],
+    )
+    assert b.token_ids == flat.token_ids
+    assert b.prompt_tokens == 3 + 4 + 2

@@ -372,3 +372,14 @@ class Engine:
         self.core.fail_all(EngineError(f"engine {self.name!r} closed"))
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._loop_task
+
+
+def _chat_prompt(tokenizer: object, text: str) -> str:
+    """`text` as one user message in the tokenizer's chat template, ready for the reply."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+Engine.chat_prompt = lambda self, text: _chat_prompt(self.tokenizer, text)  # type: ignore[attr-defined]
+Engine.chat_prompt.__doc__ = "`text` wrapped as one user message of the model's chat template."

@@ -1,0 +1,125 @@
+"""A fake engine with the engine API and no model, for fast tests of the runtime and scheduler.
+
+Tokens are characters: a context is a string, and `generate` returns a deterministic function
+of the context text, so tests can check exactly what prompt a call sent. Every call is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from parrot_actors.errors import ContextNotFoundError, InvalidRequestError
+from parrot_actors.messages import (
+    LATENCY_PRIORITY,
+    EngineStats,
+    FillResult,
+    GenerateResult,
+    SamplingParams,
+)
+
+
+class EchoEngine:
+    """Generates `echo(<last 12 characters of the context>)`, cut to `max_tokens` characters.
+
+    max_len: contexts longer than this many characters fail with `InvalidRequestError`.
+    delay_s: seconds each generate takes (lets tests overlap calls). log: ("fill" |
+    "generate" | "free", context id, text) in call order.
+    """
+
+    def __init__(
+        self,
+        name: str = "echo0",
+        model_name: str = "echo",
+        max_len: int = 4096,
+        delay_s: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.model_name = model_name
+        self.max_len = max_len
+        self.delay_s = delay_s
+        self.contexts: dict[str, str] = {}
+        self.log: list[tuple[str, str, str]] = []
+        self._stats = EngineStats(name=name, model=model_name, kv_blocks_total=1 << 20)
+
+    def chat_prompt(self, text: str) -> str:
+        """`text` wrapped in a minimal chat frame."""
+        return f"<user>{text}</user><assistant>"
+
+    async def fill(
+        self,
+        context_id: str,
+        token_ids: list[int] | None = None,
+        text: str | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+    ) -> FillResult:
+        """Append `text` (characters are tokens) to a context, forking the parent if given."""
+        reused = 0
+        if parent_context_id is not None:
+            if parent_context_id not in self.contexts:
+                raise ContextNotFoundError(f"context {parent_context_id!r} does not exist")
+            self.contexts[context_id] = self.contexts[parent_context_id]
+            reused = len(self.contexts[context_id])
+            self._stats.reused_tokens += reused
+        text = text or ""
+        if context_id not in self.contexts and not text:
+            raise InvalidRequestError(f"fill of new context {context_id!r}: empty prompt")
+        new = self.contexts.get(context_id, "") + text
+        if len(new) > self.max_len:
+            raise InvalidRequestError(
+                f"context {context_id!r} would hold {len(new)} tokens; "
+                f"the model's maximum length is {self.max_len}"
+            )
+        self.contexts[context_id] = new
+        self.log.append(("fill", context_id, text))
+        self._stats.prefill_tokens += len(text)
+        return FillResult(
+            context_id=context_id,
+            appended_tokens=len(text),
+            computed_tokens=len(text),
+            reused_tokens=reused,
+            context_len=len(new),
+        )
+
+    async def generate(
+        self,
+        context_id: str,
+        sampling: SamplingParams | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+        stream: bool = False,
+    ) -> GenerateResult:
+        """Append and return `echo(<last 12 characters>)` (at most max_tokens characters)."""
+        sampling = (sampling or SamplingParams()).validate()
+        if context_id not in self.contexts:
+            raise ContextNotFoundError(f"context {context_id!r} does not exist")
+        self.log.append(("generate", context_id, ""))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        ctx = self.contexts[context_id]
+        out = f"echo({ctx[-12:]})"[: sampling.max_tokens]
+        self.contexts[context_id] = ctx + out
+        self._stats.generated_tokens += len(out)
+        return GenerateResult(
+            token_ids=[ord(c) for c in out],
+            text=out,
+            finish_reason="length",
+            prompt_tokens=len(ctx),
+            completion_tokens=len(out),
+        )
+
+    async def free_context(self, context_id: str) -> None:
+        """Forget a context."""
+        if context_id not in self.contexts:
+            raise ContextNotFoundError(f"context {context_id!r} does not exist")
+        self.log.append(("free", context_id, ""))
+        del self.contexts[context_id]
+
+    def stats(self) -> EngineStats:
+        """Counters; kv_blocks_used counts live contexts."""
+        self._stats.kv_blocks_used = len(self.contexts)
+        self._stats.contexts = len(self.contexts)
+        return EngineStats(**{f: getattr(self._stats, f) for f in self._stats.__struct_fields__})
+
+    async def close(self) -> None:
+        """Nothing to release."""

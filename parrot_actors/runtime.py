@@ -1,0 +1,204 @@
+"""The runtime: owns the application graph and the actors (engines and the scheduler).
+
+`async with pa.Runtime(...) as rt:` starts the actors and makes the runtime current (a
+contextvar), so calling a semantic function submits to it. Variables notify the runtime when
+they resolve, fail, or are asked for; the runtime moves calls to the scheduler the moment they
+are ready and wanted. Nothing polls and nothing waits on the client (Parrot §5).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Sequence
+
+import msgspec
+
+from parrot_actors.engines.engine import Engine, EngineConfig
+from parrot_actors.errors import CallError, TemplateError
+from parrot_actors.messages import EngineStats
+from parrot_actors.scheduler import Scheduler, SchedulerConfig
+from parrot_actors.variables.graph import (
+    SemanticCall,
+    assign_task_group,
+    check_acyclic,
+    mark_objective,
+)
+from parrot_actors.variables.variable import Variable
+
+_current: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
+    "parrot_actors_runtime", default=None
+)
+
+
+def current_runtime() -> Runtime:
+    """The runtime of the enclosing `async with pa.Runtime(...)`. Raises `TemplateError` when
+    there is none."""
+    rt = _current.get()
+    if rt is None:
+        raise TemplateError(
+            "no runtime is active: call semantic functions inside "
+            "`async with pa.Runtime(...) as rt:`"
+        )
+    return rt
+
+
+class RuntimeStats(msgspec.Struct, kw_only=True):
+    """Totals over all engines (tokens) and calls, plus each engine's own counters."""
+
+    prefill_tokens: int
+    reused_tokens: int
+    generated_tokens: int
+    calls_completed: int
+    calls_failed: int
+    engines: dict[str, EngineStats]
+
+
+class Runtime:
+    """The embedded runtime: local engine actors and a scheduler actor in this process.
+
+    model: the model of the default engine ("default" = embedded SmolLM2) when `engines` is
+    not given. engines: `EngineConfig`s (or ready engine objects with the engine API, e.g. a
+    test's `EchoEngine`). scheduler: `SchedulerConfig`. eager: run calls as soon as their
+    inputs are ready even if nobody asked for their outputs (default: lazy, as in the paper).
+    """
+
+    def __init__(
+        self,
+        model: str = "default",
+        engines: Sequence[object] | None = None,
+        scheduler: SchedulerConfig | None = None,
+        eager: bool = False,
+    ) -> None:
+        self.engine_specs = list(engines) if engines else [EngineConfig(model=model)]
+        self.scheduler_config = (scheduler or SchedulerConfig()).validate()
+        self.eager = eager
+        self.engines: list = []
+        self.scheduler: Scheduler | None = None
+        self.calls: dict[int, SemanticCall] = {}
+        self._token: contextvars.Token | None = None
+        self._owned: list = []
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        self._token = _current.set(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the engines (loading models) and the scheduler."""
+        names: set[str] = set()
+        for i, spec in enumerate(self.engine_specs):
+            if isinstance(spec, EngineConfig):
+                if spec.name == "engine0" and i:
+                    spec = msgspec.structs.replace(spec, name=f"engine{i}")
+                engine = await Engine.start(spec)
+                self._owned.append(engine)
+            else:
+                engine = spec
+            if engine.name in names:
+                raise TemplateError(f"two engines are named {engine.name!r}; names must differ")
+            names.add(engine.name)
+            self.engines.append(engine)
+        self.scheduler = Scheduler(self.engines, self.scheduler_config)
+
+    async def close(self) -> None:
+        """Cancel what runs and stop the engines this runtime started."""
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        for engine in self._owned:
+            await engine.close()
+        self._owned.clear()
+
+    # ---- the graph --------------------------------------------------------------------------
+
+    def submit(self, call: SemanticCall) -> None:
+        """Add a call to the graph; it runs once its inputs resolve and an output is wanted.
+        Raises `CallError` for a cycle or an output that already has a producer or value."""
+        check_acyclic(call)
+        for v in call.outputs:
+            v.producer = call
+        for v in call.inputs:
+            v.consumers.append(call)
+        for v in call.inputs + call.outputs:
+            self._track(v)
+        self.calls[call.id] = call
+        assign_task_group(call)
+        failed = [v for v in call.inputs if v.done() and v._error is not None]
+        if failed:
+            self._fail_call(call, failed[0])
+            return
+        if self.eager or any(v._waiters for v in call.outputs):
+            call.wanted = True
+        self._maybe_ready(call)
+
+    def _track(self, var: Variable) -> None:
+        if var._on_demand is self._demand:
+            return
+        var._on_demand = self._demand
+        var._on_cancel = self._cancel
+        var._add_listener(self._resolved)
+
+    def _demand(self, var: Variable, perf: str) -> None:
+        for call in mark_objective(var, perf):
+            self._maybe_ready(call)
+
+    def _maybe_ready(self, call: SemanticCall) -> None:
+        if call.state == "pending" and call.wanted and call.is_ready():
+            call.state = "ready"
+            self.scheduler.enqueue(call)
+
+    def _resolved(self, var: Variable) -> None:
+        if var.producer is not None and self.scheduler is not None:
+            self.scheduler.event_log.append(("resolved", var.producer.id, var.name))
+        for call in var.consumers:
+            if var._error is not None:
+                self._fail_call(call, var)
+            else:
+                self._maybe_ready(call)
+
+    def _fail_call(self, call: SemanticCall, cause_var: Variable) -> None:
+        if call.state in ("done", "failed"):
+            return
+        call.state = "failed"
+        self.scheduler.cancel(call)
+        for out in call.outputs:
+            err = CallError(f"{call.function_name}#{call.id}: input {cause_var.name!r} failed")
+            err.__cause__ = cause_var._error
+            out._fail(err)
+
+    def _cancel(self, var: Variable) -> None:
+        call = var.producer
+        if call is None or call.state in ("done", "failed"):
+            return
+        call.state = "failed"
+        self.scheduler.cancel(call)
+        for out in call.outputs:
+            out._fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
+
+    # ---- introspection ---------------------------------------------------------------------
+
+    def stats(self) -> RuntimeStats:
+        """Token and call counters over all engines (see `RuntimeStats`)."""
+        per = {e.name: e.stats() for e in self.engines}
+        states = [c.state for c in self.calls.values()]
+        return RuntimeStats(
+            prefill_tokens=sum(s.prefill_tokens for s in per.values()),
+            reused_tokens=sum(s.reused_tokens for s in per.values()),
+            generated_tokens=sum(s.generated_tokens for s in per.values()),
+            calls_completed=states.count("done"),
+            calls_failed=states.count("failed"),
+            engines=per,
+        )
+
+
+async def gather(*variables: Variable, perf: str = "latency") -> list[str]:
+    """Await several variables with one objective; returns their values in order (raises the
+    first `CallError`)."""
+    import asyncio
+
+    return list(await asyncio.gather(*(v.get(perf=perf) for v in variables)))

@@ -1,0 +1,43 @@
+"""Scheduler configuration."""
+
+from __future__ import annotations
+
+import msgspec
+
+from parrot_actors.errors import InvalidRequestError
+
+POLICIES = ("app", "fcfs")
+
+
+class SchedulerConfig(msgspec.Struct, kw_only=True):
+    """How the scheduler places calls.
+
+    policy: "app" (application-centric: objectives, task groups, prefix affinity; Parrot §5-6)
+    or "fcfs" (first come, first served: the request-level baseline).
+    prefix_sharing: fork shared prompt prefixes instead of recomputing them.
+    automatic_prefix_caching: engines reuse cached full blocks by hash (vLLM/SGLang style).
+    latency_cap: at most this many running calls on an engine that takes latency work.
+    throughput_cap: at most this many running calls per engine for throughput work.
+    max_throughput_wait_s: a throughput call waiting longer than this is admitted regardless of
+    waiting latency work (no starvation). static_prefix_cache: static prefixes kept after use.
+    min_shared_tokens: token-level matching shares a common prefix at least this long.
+    """
+
+    policy: str = "app"
+    prefix_sharing: bool = True
+    automatic_prefix_caching: bool = True
+    latency_cap: int = 8
+    throughput_cap: int = 64
+    max_throughput_wait_s: float = 5.0
+    static_prefix_cache: int = 8
+    min_shared_tokens: int = 64
+
+    def validate(self) -> SchedulerConfig:
+        """Return self or raise `InvalidRequestError` naming the bad field."""
+        if self.policy not in POLICIES:
+            raise InvalidRequestError(f"policy {self.policy!r}: allowed are {POLICIES}")
+        if self.latency_cap <= 0 or self.throughput_cap <= 0:
+            raise InvalidRequestError(
+                f"latency_cap={self.latency_cap}, throughput_cap={self.throughput_cap}: must be > 0"
+            )
+        return self

@@ -1,0 +1,115 @@
+"""Running one semantic call on one engine with the paper's engine API.
+
+A call with several outputs is one context: fill the text before output 1, generate it, fill
+the next text, generate, and so on (Parrot §6). Each output variable resolves the moment its
+generation ends, so consumers of an early output start before the call finishes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from parrot_actors.errors import CallError, ParrotError
+from parrot_actors.messages import LATENCY_PRIORITY, THROUGHPUT_PRIORITY, SamplingParams
+from parrot_actors.variables.graph import SemanticCall, get_perf_objective
+from parrot_actors.variables.perf import LATENCY
+
+
+class CallStats(msgspec.Struct, kw_only=True):
+    """Timings of one call, in seconds: queueing (ready -> dispatched), time to first token,
+    decode time, end-to-end (ready -> last output); and its engine and token counts."""
+
+    call_id: int
+    function: str
+    engine: str = ""
+    objective: str = ""
+    queue_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    e2e_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def sampling_of(items: tuple[tuple[str, object], ...]) -> SamplingParams:
+    """SamplingParams from an output's sampling keywords (stop lists become tuples)."""
+    kw = dict(items)
+    if "stop" in kw and kw["stop"] is not None:
+        stop = kw["stop"]
+        kw["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    return SamplingParams(**kw)
+
+
+def priority_of(call: SemanticCall) -> int:
+    """Engine priority from the call's deduced objective."""
+    return LATENCY_PRIORITY if get_perf_objective(call) == LATENCY else THROUGHPUT_PRIORITY
+
+
+async def run_call(
+    call: SemanticCall,
+    engine: object,
+    stats: CallStats,
+    ready_at: float,
+    context_id: str,
+    prefix: tuple[str, int] | None = None,
+) -> None:
+    """Run `call` on `engine` in context `context_id`, resolving its outputs in order.
+
+    prefix: (parent context id, number of leading prompt characters it already holds) when
+    the call forks a shared prefix context. On failure every unresolved output fails with
+    `CallError` chained to the cause; the context is always freed.
+    """
+    start = time.perf_counter()
+    stats.queue_s = start - ready_at
+    priority = priority_of(call)
+    parent, skip = prefix if prefix else (None, 0)
+    created = False
+    buf = ""
+    try:
+        for piece in call.pieces:
+            if piece.kind == "text":
+                buf += piece.text
+            elif piece.kind == "input":
+                buf += piece.var.value()
+            else:
+                if not created and call.chat:
+                    buf = engine.chat_prompt(buf)
+                text = buf[skip:] if not created else buf
+                if text or not created:
+                    await engine.fill(
+                        context_id,
+                        text=text or None,
+                        parent_context_id=None if created else parent,
+                        priority=priority,
+                    )
+                created = True
+                buf = ""
+                result = await engine.generate(
+                    context_id, sampling_of(piece.sampling), priority=priority
+                )
+                if not stats.ttft_s:
+                    stats.ttft_s = time.perf_counter() - start
+                stats.prompt_tokens = stats.prompt_tokens or result.prompt_tokens
+                stats.completion_tokens += result.completion_tokens
+                stats.decode_s += result.decode_s
+                piece.var._resolve(result.text)
+        call.state = "done"
+    except BaseException as exc:
+        call.state = "failed"
+        cause = exc if isinstance(exc, ParrotError) else CallError(repr(exc))
+        for out in call.outputs:
+            if not out.done():
+                err = CallError(f"{call.function_name}#{call.id} failed: {cause}")
+                err.__cause__ = exc
+                out._fail(err)
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        stats.e2e_s = time.perf_counter() - ready_at
+        if created:
+            try:
+                await engine.free_context(context_id)
+            except ParrotError:
+                pass

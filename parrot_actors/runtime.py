@@ -78,6 +78,14 @@ class Runtime:
         self._token: contextvars.Token | None = None
         self._owned: list = []
 
+    @staticmethod
+    def connect(url: str, **kwargs: object) -> object:
+        """The same API against a running service at `url` (see `parrot_actors.server.client`):
+        `async with pa.Runtime.connect("http://127.0.0.1:9000") as rt: ...`."""
+        from parrot_actors.server.client import RemoteRuntime
+
+        return RemoteRuntime(url, **kwargs)
+
     async def __aenter__(self) -> Runtime:
         await self.start()
         self._token = _current.set(self)

@@ -104,6 +104,8 @@ class Runtime:
             if isinstance(spec, EngineConfig):
                 if spec.name == "engine0" and i:
                     spec = msgspec.structs.replace(spec, name=f"engine{i}")
+                caching = self.scheduler_config.automatic_prefix_caching
+                spec = msgspec.structs.replace(spec, prefix_caching=caching)
                 engine = await Engine.start(spec)
                 self._owned.append(engine)
             else:
@@ -135,6 +137,7 @@ class Runtime:
         for v in call.inputs + call.outputs:
             self._track(v)
         self.calls[call.id] = call
+        self.scheduler.register(call)
         assign_task_group(call)
         failed = [v for v in call.inputs if v.done() and v._error is not None]
         if failed:

@@ -66,3 +66,21 @@ def test_context_errors():
     table.free("a")
     with pytest.raises(ContextNotFoundError):
         table.get("a")
+
+
+def test_prefix_cache_keeps_freed_blocks_until_evicted():
+    pool = BlockPool(3, 4)
+    a, b = pool.allocate(2)
+    pool.register(a, 111)
+    pool.register(b, 222)
+    pool.register(b, 333)  # a block keeps its first hash
+    pool.decref([a, b])
+    assert (pool.num_free, pool.num_cached_free, pool.num_used) == (3, 2, 0)
+    assert pool.lookup(111) == a and pool.refcount(a) == 1
+    assert pool.lookup(333) is None
+    assert pool.num_cached_free == 1
+    # The plain free block goes first, then the least recently used cached one (b).
+    assert pool.allocate(2) == [2, b]
+    assert pool.lookup(222) is None
+    pool.decref([a])
+    assert pool.lookup(111) == a

@@ -8,7 +8,7 @@ copy-on-write on fork).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from parrot_actors.errors import EngineError
 
@@ -32,16 +32,42 @@ class BlockPool:
         self.block_size = block_size
         self._refcount = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # LRU first
+        self._hash_of: dict[int, int] = {}
+        self._block_of: dict[int, int] = {}
 
     @property
     def num_free(self) -> int:
-        """Blocks with refcount 0."""
-        return len(self._free)
+        """Blocks with refcount 0 (cached ones included: they are evicted on demand)."""
+        return len(self._free) + len(self._cached_free)
 
     @property
     def num_used(self) -> int:
         """Blocks with refcount > 0."""
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold a registered prefix."""
+        return len(self._cached_free)
+
+    def register(self, block_id: int, block_hash: int) -> None:
+        """Record that `block_id` (full, computed) holds the tokens hashed as `block_hash`.
+        A hash already held by another block is left alone (the first copy wins)."""
+        if block_hash in self._block_of or block_id in self._hash_of:
+            return
+        self._hash_of[block_id] = block_hash
+        self._block_of[block_hash] = block_id
+
+    def lookup(self, block_hash: int) -> int | None:
+        """The block holding `block_hash`, with one more reference taken, or None."""
+        b = self._block_of.get(block_hash)
+        if b is None:
+            return None
+        if self._refcount[b] == 0:
+            del self._cached_free[b]
+        self._refcount[b] += 1
+        return b
 
     def refcount(self, block_id: int) -> int:
         """Current reference count of `block_id`."""
@@ -53,9 +79,16 @@ class BlockPool:
 
     def allocate(self, n: int) -> list[int]:
         """Take `n` free blocks (refcount 1 each). All or nothing: raises `OutOfBlocksError`."""
-        if n > len(self._free):
-            raise OutOfBlocksError(f"need {n} KV blocks, {len(self._free)} free")
-        ids = [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise OutOfBlocksError(f"need {n} KV blocks, {self.num_free} free")
+        ids = []
+        for _ in range(n):
+            if self._free:
+                ids.append(self._free.popleft())
+            else:  # evict the least recently used cached block
+                b, _ = self._cached_free.popitem(last=False)
+                del self._block_of[self._hash_of.pop(b)]
+                ids.append(b)
         for b in ids:
             self._refcount[b] = 1
         return ids
@@ -76,5 +109,8 @@ class BlockPool:
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
                 freed.append(b)
-                self._free.append(b)
+                if b in self._hash_of:
+                    self._cached_free[b] = None
+                else:
+                    self._free.append(b)
         return freed

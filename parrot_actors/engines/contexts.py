@@ -33,6 +33,7 @@ class Context:
     blocks: block ids covering positions [0, num_computed) (one more may be allocated ahead).
     last_logits: float32 `[vocab]` after the last token, kept while nothing is pending so a
     generate can sample its first token without recomputing anything.
+    block_hashes: chained hashes of the leading full computed blocks (prefix caching).
     """
 
     id: str
@@ -41,6 +42,7 @@ class Context:
     blocks: list[int] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
     parent_id: str | None = None
+    block_hashes: list[int] = field(default_factory=list)
 
     @property
     def num_pending(self) -> int:
@@ -109,6 +111,7 @@ class ContextTable:
             blocks=blocks,
             last_logits=parent.last_logits if parent.num_pending == 0 else None,
             parent_id=parent_id,
+            block_hashes=parent.block_hashes[:full],
         )
         self._contexts[context_id] = child
         return child, copy, parent.num_computed
@@ -120,6 +123,7 @@ class ContextTable:
         ctx.blocks = []
         ctx.num_computed = 0
         ctx.last_logits = None
+        ctx.block_hashes = []
 
     def free(self, context_id: str) -> Context:
         """Remove the context and release its blocks (shared ones live on in other owners)."""
@@ -135,6 +139,36 @@ class ContextTable:
         need = -(-num_tokens // self.pool.block_size) - len(ctx.blocks)
         if need > 0:
             ctx.blocks.extend(self.pool.allocate(need))
+
+    def register_full_blocks(self, ctx: Context) -> None:
+        """Hash and register every newly completed full block of `ctx` (prefix caching)."""
+        bs = self.pool.block_size
+        full = ctx.num_computed // bs
+        for i in range(len(ctx.block_hashes), full):
+            parent = ctx.block_hashes[i - 1] if i else 0
+            h = hash((parent, tuple(ctx.tokens[i * bs : (i + 1) * bs])))
+            ctx.block_hashes.append(h)
+            self.pool.register(ctx.blocks[i], h)
+
+    def match_cached(self, ctx: Context) -> int:
+        """Take cached blocks for the context's pending tokens, from a block boundary on; at
+        least one token stays pending (its logits are needed). Returns tokens reused."""
+        bs = self.pool.block_size
+        start = ctx.num_computed // bs
+        if ctx.num_computed % bs or len(ctx.blocks) > start or len(ctx.block_hashes) != start:
+            return 0
+        reused = 0
+        for i in range(start, (len(ctx.tokens) - 1) // bs):
+            parent = ctx.block_hashes[i - 1] if i else 0
+            h = hash((parent, tuple(ctx.tokens[i * bs : (i + 1) * bs])))
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            ctx.blocks.append(block)
+            ctx.block_hashes.append(h)
+            ctx.num_computed += bs
+            reused += bs
+        return reused
 
     def blocks_needed(self, ctx: Context, num_tokens: int) -> int:
         """New blocks that `ensure_blocks(ctx, num_tokens)` would allocate."""

@@ -97,6 +97,7 @@ class EngineCore:
         max_batch_tokens: int = 2048,
         max_running: int = 64,
         cascade: bool = True,
+        prefix_caching: bool = True,
         name: str = "engine0",
         model_name: str = "",
     ) -> None:
@@ -108,6 +109,7 @@ class EngineCore:
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.cascade = cascade
+        self.prefix_caching = prefix_caching
         self.running: list[Request] = []
         self.waiting: list[Request] = []
         self.stats = EngineStats(
@@ -286,6 +288,10 @@ class EngineCore:
         for req in dict.fromkeys(decodes_first + rest):
             if req.done or req not in heads or budget == 0 or len(chosen) >= self.max_running:
                 continue
+            if self.prefix_caching and not req.running:
+                hit = self.contexts.match_cached(req.ctx)
+                req.reused += hit
+                self.stats.reused_tokens += hit
             n = min(req.ctx.num_pending, budget)
             if n == 0:
                 continue
@@ -409,6 +415,8 @@ class EngineCore:
             self.stats.prefill_tokens += 0 if decode else n
             req.ctx.num_computed += n
             req.computed += n
+            if self.prefix_caching:
+                self.contexts.register_full_blocks(req.ctx)
         rows = {id(r): i for i, r in enumerate(plan.logit_reqs)}
         for req, _ in plan.items:
             if req.done:
@@ -488,6 +496,7 @@ class EngineCore:
         """Current counters (a copy)."""
         s = self.stats
         s.kv_blocks_used = self.pool.num_used
+        s.kv_cached_blocks = self.pool.num_cached_free
         s.running = len(self.running)
         s.waiting = len(self.waiting)
         s.contexts = len(self.contexts)

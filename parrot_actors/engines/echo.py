@@ -41,6 +41,10 @@ class EchoEngine:
         self.log: list[tuple[str, str, str]] = []
         self._stats = EngineStats(name=name, model=model_name, kv_blocks_total=1 << 20)
 
+    def tokenize(self, text: str, first: bool = False) -> list[int]:
+        """Characters are tokens."""
+        return [ord(c) for c in text]
+
     def chat_prompt(self, text: str) -> str:
         """`text` wrapped in a minimal chat frame."""
         return f"<user>{text}</user><assistant>"
@@ -61,6 +65,8 @@ class EchoEngine:
             self.contexts[context_id] = self.contexts[parent_context_id]
             reused = len(self.contexts[context_id])
             self._stats.reused_tokens += reused
+        if token_ids is not None:
+            text = "".join(chr(t) for t in token_ids)
         text = text or ""
         if context_id not in self.contexts and not text:
             raise InvalidRequestError(f"fill of new context {context_id!r}: empty prompt")

@@ -42,7 +42,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     CUDA when installed, else torch), "torch", "flashinfer". block_size: tokens per KV block.
     kv_cache_bytes: memory budget of the KV cache (sets the number of blocks).
     max_batch_tokens: new tokens per step (prefill chunk budget). max_running: sequences per
-    step. cascade: use shared-prefix (cascade) decode for forks. num_threads: torch CPU threads
+    step. cascade: use shared-prefix (cascade) decode for forks. prefix_caching: reuse cached
+    full blocks by hash (automatic prefix caching). num_threads: torch CPU threads
     (None = torch's default).
     """
 
@@ -58,6 +59,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_batch_tokens: int = 2048
     max_running: int = 64
     cascade: bool = True
+    prefix_caching: bool = True
     num_threads: int | None = None
 
     def validate(self) -> EngineConfig:
@@ -111,6 +113,7 @@ def build_core(config: EngineConfig) -> EngineCore:
         max_batch_tokens=config.max_batch_tokens,
         max_running=config.max_running,
         cascade=config.cascade,
+        prefix_caching=config.prefix_caching,
         name=config.name,
         model_name=loaded.name,
     )

@@ -1,29 +1,44 @@
 """The scheduler actor: a thin async shell around the policy core.
 
-It keeps the queue of ready calls, asks the policy where they go, and runs each placed call on
-its engine (see `executor.run_call`). Calls for a model that no engine serves fail at once.
+It keeps the queue of ready calls, asks the policy where they go, picks and maintains the
+prefix contexts they fork, and runs each placed call on its engine (`executor.run_call`).
+Calls for a model that no engine serves fail at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import itertools
 import time
 
-from parrot_actors.errors import CallError
+from parrot_actors.errors import CallError, ParrotError
+from parrot_actors.messages import LATENCY_PRIORITY
 from parrot_actors.scheduler.config import SchedulerConfig
-from parrot_actors.scheduler.executor import CallStats, run_call
-from parrot_actors.scheduler.policy import CallInfo, EngineState, eligible, schedule_fcfs
+from parrot_actors.scheduler.executor import CallStats, first_segment, priority_of, run_call
+from parrot_actors.scheduler.policy import (
+    CallInfo,
+    EngineState,
+    eligible,
+    schedule_app,
+    schedule_fcfs,
+)
+from parrot_actors.scheduler.prefixes import PrefixEntry, PrefixManager
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective, prefix_hash
+
+
+def _token_key(ids: list[int]) -> str:
+    return "t:" + hashlib.sha256(repr(ids).encode()).hexdigest()[:24]
 
 
 class Scheduler:
     """Places ready calls on engines and runs them.
 
-    engines: objects with the engine API (`fill`, `generate`, `free_context`, `stats`, `name`,
-    `model_name`). event_log: (event, call id, detail) tuples in order: "ready", "dispatch"
-    (detail: engine name), "resolved" (an output; detail: its name; logged by the runtime),
-    "done", "failed".
+    engines: objects with the engine API (`fill`, `generate`, `free_context`, `stats`,
+    `tokenize`, `name`, `model_name`). event_log: (event, call id, detail) tuples in order:
+    "ready", "dispatch" (detail: engine name), "resolved" (an output; detail: its name; logged by
+    the runtime), "done", "failed".
     """
 
     def __init__(self, engines: list, config: SchedulerConfig | None = None) -> None:
@@ -33,8 +48,28 @@ class Scheduler:
         self.running: dict[int, tuple[SemanticCall, str, asyncio.Task]] = {}
         self.call_stats: list[CallStats] = []
         self.event_log: list[tuple[str, int, str]] = []
+        self.prefixes = PrefixManager(self.config.static_prefix_cache)
+        self._keys: dict[int, list[str]] = {}
+        self._used: dict[int, PrefixEntry | None] = {}
+        self._ids: dict[int, list[int]] = {}
         self._seq = itertools.count()
         self._ctx_ids = itertools.count()
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def sharing(self) -> bool:
+        """Prefix sharing is on (the app policy with prefix_sharing=True)."""
+        return self.config.prefix_sharing
+
+    # ---- graph events -------------------------------------------------------------------------
+
+    def register(self, call: SemanticCall) -> None:
+        """A call entered the graph: count its prefix keys as pending (prefix lifetimes)."""
+        static, dynamic = prefix_hash(call)
+        keys = [k for k in (static, dynamic) if k]
+        self._keys[call.id] = keys
+        if self.sharing:
+            self.prefixes.add_pending(keys)
 
     def enqueue(self, call: SemanticCall) -> None:
         """A call whose inputs are all resolved and whose output is wanted."""
@@ -44,10 +79,25 @@ class Scheduler:
 
     def cancel(self, call: SemanticCall) -> None:
         """Drop a queued call, or cancel a running one (its engine work stops)."""
-        self.ready.pop(call.id, None)
+        if self.ready.pop(call.id, None) is not None:
+            self._release(call)
         running = self.running.get(call.id)
         if running is not None:
             running[2].cancel()
+        elif call.id in self._keys and call.id not in self.ready:
+            self._release(call)
+
+    def _release(self, call: SemanticCall) -> None:
+        keys = self._keys.pop(call.id, None)
+        if keys is None:
+            return
+        entry = self._used.pop(call.id, None)
+        self._ids.pop(call.id, None)
+        if self.sharing:
+            for e in self.prefixes.release(keys, entry):
+                self._spawn(self._free_prefix(e))
+
+    # ---- placement ----------------------------------------------------------------------------
 
     def engine_states(self) -> list[EngineState]:
         """A snapshot of every engine for the policy."""
@@ -55,6 +105,7 @@ class Scheduler:
         for name, engine in self.engines.items():
             mine = [c for c, e, _ in self.running.values() if e == name]
             s = engine.stats()
+            held = tuple(k for (k, e) in self.prefixes.entries if e == name)
             states.append(
                 EngineState(
                     name=name,
@@ -63,21 +114,36 @@ class Scheduler:
                     running_latency=sum(get_perf_objective(c) == "latency" for c in mine),
                     free_blocks=s.kv_blocks_total - s.kv_blocks_used,
                     block_size=s.block_size,
+                    prefixes=held,
                 )
             )
         return states
 
-    def _info(self, call: SemanticCall, ready_at: float, seq: int, now: float) -> CallInfo:
-        static, dynamic = prefix_hash(call)
+    def _prompt_ids(self, call: SemanticCall, engine: object) -> list[int]:
+        ids = self._ids.get(call.id)
+        if ids is None:
+            ids = engine.tokenize(first_segment(call, engine), first=True)
+            self._ids[call.id] = ids
+        return ids
+
+    def _info(
+        self, call: SemanticCall, ready_at: float, seq: int, now: float, engine: object
+    ) -> CallInfo:
         sampling = [
             dict(p.sampling).get("max_tokens", 64) for p in call.pieces if p.kind == "output"
         ]
+        keys = tuple(self._keys.get(call.id, ()))
+        ids = self._prompt_ids(call, engine) if engine is not None else []
+        if len(ids) > self.config.min_shared_tokens:
+            keys += (_token_key(ids[: self.config.min_shared_tokens]),)
+        fcfs = self.config.policy == "fcfs"
         return CallInfo(
             call_id=call.id,
-            objective=get_perf_objective(call),
+            objective="latency" if fcfs else get_perf_objective(call),
             seq=seq,
-            task_group=call.task_group,
-            prefix_keys=tuple(k for k in (static, dynamic) if k),
+            task_group=None if fcfs else call.task_group,
+            prefix_keys=keys if self.sharing else (),
+            prompt_tokens=len(ids),
             max_new_tokens=sum(int(x or 0) for x in sampling),
             model=call.model,
             waited_s=now - ready_at,
@@ -89,10 +155,12 @@ class Scheduler:
             return
         now = time.perf_counter()
         states = self.engine_states()
-        infos = [self._info(c, t, s, now) for c, t, s in self.ready.values()]
-        for info in infos:
-            if not eligible(info, states):
-                call = self.ready.pop(info.call_id)[0]
+        infos = []
+        for call, ready_at, seq in list(self.ready.values()):
+            probe = CallInfo(call_id=call.id, objective="", seq=seq, model=call.model)
+            cands = eligible(probe, states)
+            if not cands:
+                self.ready.pop(call.id)
                 served = sorted({s.model for s in states})
                 self._fail(
                     call,
@@ -101,28 +169,146 @@ class Scheduler:
                         f"{call.model!r}; the engines serve {served}"
                     ),
                 )
-        for placement in schedule_fcfs([i for i in infos if i.call_id in self.ready], states):
+                continue
+            try:
+                infos.append(self._info(call, ready_at, seq, now, self.engines[cands[0].name]))
+            except ParrotError as exc:
+                self.ready.pop(call.id)
+                self._fail(call, CallError(f"{call.function_name}#{call.id} failed: {exc}"))
+        cfg = self.config
+        if cfg.policy == "fcfs":
+            placements = schedule_fcfs(infos, states)
+        else:
+            placements = schedule_app(
+                infos, states, cfg.latency_cap, cfg.throughput_cap, cfg.max_throughput_wait_s
+            )
+        by_id = {i.call_id: i for i in infos}
+        groups = self._token_groups(infos, placements)
+        for placement in placements:
             call, ready_at, _ = self.ready.pop(placement.call_id)
-            self._start(call, placement.engine, ready_at)
+            self._start(call, placement.engine, ready_at, by_id[call.id], groups)
+
+    def _token_groups(self, infos: list[CallInfo], placements: list) -> dict[int, tuple]:
+        """Token-level sharing: calls placed on one engine in this round whose prompts share
+        at least `min_shared_tokens` leading tokens that no prefix key predicted get an ad hoc
+        prefix (their common tokens). Returns call id -> (key, tokens)."""
+        if not self.sharing:
+            return {}
+        buckets: dict[tuple[str, str], list[int]] = {}
+        for p in placements:
+            info = next(i for i in infos if i.call_id == p.call_id)
+            tkeys = [k for k in info.prefix_keys if k.startswith("t:")]
+            if tkeys:
+                buckets.setdefault((tkeys[0], p.engine), []).append(p.call_id)
+        out: dict[int, tuple] = {}
+        for ids in buckets.values():
+            if len(ids) < 2:
+                continue
+            seqs = [self._ids[i] for i in ids]
+            n = min(len(s) for s in seqs) - 1
+            common = 0
+            while common < n and all(s[common] == seqs[0][common] for s in seqs):
+                common += 1
+            tokens = tuple(seqs[0][:common])
+            for i in ids:
+                out[i] = (_token_key(list(tokens)), tokens)
+        return out
+
+    def _choose_prefix(
+        self, call: SemanticCall, engine_name: str, ad_hoc: tuple | None
+    ) -> PrefixEntry | None:
+        """The prefix context `call` forks on `engine_name`, creating it if needed; None when
+        nothing worth sharing (under a block of tokens) applies."""
+        if not self.sharing:
+            return None
+        engine = self.engines[engine_name]
+        ids = self._ids[call.id]
+        bs = engine.stats().block_size
+        static, dynamic = prefix_hash(call)
+        options: list[tuple[str, str | None, bool, tuple | None]] = []
+        if dynamic and (
+            self.prefixes.pending.get(dynamic, 0) >= 2 or self.prefixes.get(dynamic, engine_name)
+        ):
+            options.append((dynamic, _prefix_text(call, dynamic=True), False, None))
+        if static:
+            options.append((static, _prefix_text(call, dynamic=False), True, None))
+        if ad_hoc is not None:
+            options.append((ad_hoc[0], None, False, ad_hoc[1]))
+        for key, text, is_static, tokens in options:
+            entry = self.prefixes.get(key, engine_name)
+            if entry is None:
+                if tokens is None:
+                    tokens = tuple(engine.tokenize(text, first=True)[:-1])
+                if len(tokens) < bs or len(tokens) >= len(ids):
+                    continue
+                if key.startswith("t:"):
+                    self.prefixes.add_pending([key])
+                    self._keys[call.id].append(key)
+                entry = self.prefixes.create(key, engine_name, tokens, is_static)
+                entry.ready = asyncio.get_running_loop().create_task(
+                    engine.fill(
+                        entry.context_id, token_ids=list(tokens), priority=priority_of(call)
+                    )
+                )
+            elif key.startswith("t:") and key not in self._keys[call.id]:
+                self.prefixes.add_pending([key])
+                self._keys[call.id].append(key)
+            if tuple(ids[: len(entry.tokens)]) == entry.tokens and len(ids) > len(entry.tokens):
+                entry.users += 1
+                return entry
+        return None
+
+    def _make_room(self, engine_name: str, blocks: int) -> None:
+        """Free idle cached static prefixes on an engine short of KV blocks."""
+        s = self.engines[engine_name].stats()
+        free = s.kv_blocks_total - s.kv_blocks_used
+        while free < blocks:
+            entry = self.prefixes.evict_idle(engine_name)
+            if entry is None:
+                return
+            free += -(-len(entry.tokens) // s.block_size)
+            self._spawn(self._free_prefix(entry))
 
     def _fail(self, call: SemanticCall, error: CallError) -> None:
         call.state = "failed"
         self.event_log.append(("failed", call.id, str(error)))
         for out in call.outputs:
             out._fail(error)
+        self._release(call)
 
-    def _start(self, call: SemanticCall, engine_name: str, ready_at: float) -> None:
+    def _start(
+        self,
+        call: SemanticCall,
+        engine_name: str,
+        ready_at: float,
+        info: CallInfo,
+        groups: dict[int, tuple],
+    ) -> None:
         call.state = "running"
         self.event_log.append(("dispatch", call.id, engine_name))
         stats = CallStats(
             call_id=call.id,
             function=call.function_name,
             engine=engine_name,
-            objective=get_perf_objective(call),
+            objective=info.objective,
         )
+        blocks = -(-(info.prompt_tokens + info.max_new_tokens) // 16)
+        self._make_room(engine_name, blocks)
+        entry = self._choose_prefix(call, engine_name, groups.get(call.id))
+        self._used[call.id] = entry
         ctx = f"call{call.id}-{next(self._ctx_ids)}"
+        priority = LATENCY_PRIORITY if self.config.policy == "fcfs" else priority_of(call)
         task = asyncio.get_running_loop().create_task(
-            run_call(call, self.engines[engine_name], stats, ready_at, ctx)
+            run_call(
+                call,
+                self.engines[engine_name],
+                stats,
+                ready_at,
+                ctx,
+                prompt_ids=self._ids[call.id],
+                prefix=entry,
+                priority=priority,
+            )
         )
         self.running[call.id] = (call, engine_name, task)
         task.add_done_callback(lambda _t, c=call, st=stats: self._finished(c, st))
@@ -134,13 +320,48 @@ class Scheduler:
         if call.state != "done":
             for out in call.outputs:
                 if not out.done():
-                    self._fail(call, CallError(f"{call.function_name}#{call.id} was cancelled"))
-                    break
+                    out._fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
+        self._release(call)
         self.dispatch()
 
+    # ---- background work ----------------------------------------------------------------------
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _free_prefix(self, entry: PrefixEntry) -> None:
+        with contextlib.suppress(BaseException):
+            if entry.ready is not None:
+                await entry.ready
+        with contextlib.suppress(ParrotError):
+            await self.engines[entry.engine].free_context(entry.context_id)
+
     async def close(self) -> None:
-        """Cancel running calls and wait for them to release their contexts."""
+        """Cancel running calls, free prefix contexts, and wait for all of it."""
         tasks = [t for _, _, t in self.running.values()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for key, eng in list(self.prefixes.entries):
+            self._spawn(self._free_prefix(self.prefixes._drop(key, eng)))
+        await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+def _prefix_text(call: SemanticCall, dynamic: bool) -> str:
+    """The prompt text a static (leading constant text) or dynamic (text through the first
+    input variable's value) prefix covers."""
+    text = ""
+    for p in call.pieces:
+        if p.kind == "text":
+            text += p.text
+            if not dynamic:
+                return text
+        elif p.kind == "input":
+            if not dynamic:
+                return text
+            return text + p.var.value()
+        else:
+            break
+    return text

@@ -1,7 +1,8 @@
 """Running one semantic call on one engine with the paper's engine API.
 
-A call with several outputs is one context: fill the text before output 1, generate it, fill
-the next text, generate, and so on (Parrot §6). Each output variable resolves the moment its
+A call with several outputs is one context: fill the text before output 1 (forking a shared
+prefix context when the scheduler gives one), generate it, fill the next text, generate, and so
+on (Parrot §6). Each output variable resolves the moment its
 generation ends, so consumers of an early output start before the call finishes.
 """
 
@@ -13,6 +14,7 @@ import msgspec
 
 from parrot_actors.errors import CallError, ParrotError
 from parrot_actors.messages import LATENCY_PRIORITY, THROUGHPUT_PRIORITY, SamplingParams
+from parrot_actors.scheduler.prefixes import PrefixEntry
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective
 from parrot_actors.variables.perf import LATENCY
 
@@ -47,54 +49,68 @@ def priority_of(call: SemanticCall) -> int:
     return LATENCY_PRIORITY if get_perf_objective(call) == LATENCY else THROUGHPUT_PRIORITY
 
 
+def first_segment(call: SemanticCall, engine: object) -> str:
+    """The rendered prompt before the call's first output (chat-wrapped if the call asks).
+    Raises `VariableError` if an input has no value yet."""
+    buf = ""
+    for piece in call.pieces:
+        if piece.kind == "output":
+            break
+        buf += piece.text if piece.kind == "text" else piece.var.value()
+    return engine.chat_prompt(buf) if call.chat else buf
+
+
 async def run_call(
     call: SemanticCall,
     engine: object,
     stats: CallStats,
     ready_at: float,
     context_id: str,
-    prefix: tuple[str, int] | None = None,
+    prompt_ids: list[int],
+    prefix: PrefixEntry | None = None,
+    priority: int = LATENCY_PRIORITY,
 ) -> None:
     """Run `call` on `engine` in context `context_id`, resolving its outputs in order.
 
-    prefix: (parent context id, number of leading prompt characters it already holds) when
-    the call forks a shared prefix context. On failure every unresolved output fails with
-    `CallError` chained to the cause; the context is always freed.
+    prompt_ids: the tokens of `first_segment(call)`. prefix: a prefix context whose tokens
+    start `prompt_ids`; the call forks it and fills only the rest. On failure every unresolved
+    output fails with `CallError` chained to the cause; the context is always freed.
     """
     start = time.perf_counter()
     stats.queue_s = start - ready_at
-    priority = priority_of(call)
-    parent, skip = prefix if prefix else (None, 0)
     created = False
-    buf = ""
+    buf = None
     try:
         for piece in call.pieces:
-            if piece.kind == "text":
-                buf += piece.text
-            elif piece.kind == "input":
-                buf += piece.var.value()
-            else:
-                if not created and call.chat:
-                    buf = engine.chat_prompt(buf)
-                text = buf[skip:] if not created else buf
-                if text or not created:
+            if piece.kind != "output":
+                if buf is not None:
+                    buf += piece.text if piece.kind == "text" else piece.var.value()
+                continue
+            if not created:
+                if prefix is not None:
+                    await prefix.ready
+                    rest = prompt_ids[len(prefix.tokens) :]
                     await engine.fill(
                         context_id,
-                        text=text or None,
-                        parent_context_id=None if created else parent,
+                        token_ids=rest or None,
+                        parent_context_id=prefix.context_id,
                         priority=priority,
                     )
+                else:
+                    await engine.fill(context_id, token_ids=prompt_ids, priority=priority)
                 created = True
-                buf = ""
-                result = await engine.generate(
-                    context_id, sampling_of(piece.sampling), priority=priority
-                )
-                if not stats.ttft_s:
-                    stats.ttft_s = time.perf_counter() - start
-                stats.prompt_tokens = stats.prompt_tokens or result.prompt_tokens
-                stats.completion_tokens += result.completion_tokens
-                stats.decode_s += result.decode_s
-                piece.var._resolve(result.text)
+            elif buf:
+                await engine.fill(context_id, text=buf, priority=priority)
+            buf = ""
+            result = await engine.generate(
+                context_id, sampling_of(piece.sampling), priority=priority
+            )
+            if not stats.ttft_s:
+                stats.ttft_s = time.perf_counter() - start
+            stats.prompt_tokens = stats.prompt_tokens or result.prompt_tokens
+            stats.completion_tokens += result.completion_tokens
+            stats.decode_s += result.decode_s
+            piece.var._resolve(result.text)
         call.state = "done"
     except BaseException as exc:
         call.state = "failed"

@@ -71,3 +71,91 @@ def schedule_fcfs(ready: list[CallInfo], engines: list[EngineState]) -> list[Pla
         load[best.name] += 1
         out.append(Placement(call.call_id, best.name))
     return out
+
+
+def _blocks_needed(call: CallInfo, engine: EngineState) -> int:
+    return -(-(call.prompt_tokens + call.max_new_tokens) // max(engine.block_size, 1))
+
+
+def _holds_prefix(call: CallInfo, engine: EngineState) -> bool:
+    return any(k in engine.prefixes for k in call.prefix_keys)
+
+
+def _admission_order(ready: list[CallInfo], max_wait_s: float) -> list[CallInfo]:
+    """Throughput work that waited too long, then latency work, then throughput work; within
+    each, task-group members stay together (ordered by the group's first arrival)."""
+    group_seq: dict[int, int] = {}
+    for c in ready:
+        if c.task_group is not None:
+            group_seq[c.task_group] = min(group_seq.get(c.task_group, c.seq), c.seq)
+
+    def key(c: CallInfo) -> tuple[int, int, int]:
+        if c.objective == "latency":
+            klass = 1
+        else:
+            klass = 0 if c.waited_s >= max_wait_s else 2
+        first = group_seq.get(c.task_group, c.seq) if c.task_group is not None else c.seq
+        return (klass, first, c.seq)
+
+    return sorted(ready, key=key)
+
+
+def schedule_app(
+    ready: list[CallInfo],
+    engines: list[EngineState],
+    latency_cap: int = 8,
+    throughput_cap: int = 64,
+    max_throughput_wait_s: float = 5.0,
+    affinity_load_bound: int = 8,
+) -> list[Placement]:
+    """Application-centric placement (Parrot, OSDI 2024, §5.2 and §6).
+
+    - Latency calls are admitted first and go to the engine with the smallest running batch
+      among those whose latency work is under `latency_cap`; they wait when all are at the cap
+      (the engine then also admits them before throughput work, by priority).
+    - Throughput calls fill engines up to `throughput_cap` running calls each, so batches are
+      large. Members of a task group (a map stage) are dispatched together, onto the engine of
+      the group's first member while it has room. Other calls balance load.
+    - A throughput call that waited `max_throughput_wait_s` goes before latency work (no
+      starvation under a steady stream of latency calls).
+    - An engine holding one of the call's prefixes is preferred unless it runs more than
+      `affinity_load_bound` calls beyond the least loaded eligible engine.
+    - Engines without the free KV blocks a call needs are skipped while another has them.
+    Deterministic: ties break by engine name. Calls that fit nowhere stay queued.
+    """
+    load = {e.name: e.running_calls for e in engines}
+    lat = {e.name: e.running_latency for e in engines}
+    free = {e.name: e.free_blocks for e in engines}
+    group_engine: dict[int, str] = {}
+    out: list[Placement] = []
+    for call in _admission_order(ready, max_throughput_wait_s):
+        cands = eligible(call, engines)
+        is_latency = call.objective == "latency"
+        if is_latency:
+            cands = [e for e in cands if lat[e.name] < latency_cap]
+        else:
+            cands = [e for e in cands if load[e.name] < throughput_cap]
+        if not cands:
+            continue
+        roomy = [e for e in cands if free[e.name] >= _blocks_needed(call, e)]
+        cands = roomy or cands
+        least = min(load[e.name] for e in cands)
+        affine = [
+            e
+            for e in cands
+            if _holds_prefix(call, e) and load[e.name] <= least + affinity_load_bound
+        ]
+        group = group_engine.get(call.task_group) if call.task_group is not None else None
+        if affine:
+            best = min(affine, key=lambda e: (load[e.name], e.name))
+        elif group is not None and any(e.name == group for e in cands):
+            best = next(e for e in cands if e.name == group)
+        else:
+            best = min(cands, key=lambda e: (load[e.name], e.name))
+        if call.task_group is not None:
+            group_engine.setdefault(call.task_group, best.name)
+        load[best.name] += 1
+        lat[best.name] += int(is_latency)
+        free[best.name] -= _blocks_needed(call, best)
+        out.append(Placement(call.call_id, best.name))
+    return out

@@ -104,6 +104,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
     generated_tokens: tokens sampled. preemptions: generations whose KV was dropped to be
     recomputed later. kv_blocks_used / kv_blocks_total: blocks of the KV pool (block_size
     tokens each). running / waiting: requests in the batch / queued. contexts: live contexts.
+    mean_batch_size / max_batch_size: sequences per step over all steps so far
+    (`Engine.batch_sizes()` has the series).
     """
 
     name: str = "engine0"
@@ -120,3 +122,5 @@ class EngineStats(msgspec.Struct, kw_only=True):
     running: int = 0
     waiting: int = 0
     contexts: int = 0
+    mean_batch_size: float = 0.0
+    max_batch_size: int = 0

@@ -193,6 +193,11 @@ class Runtime:
 
     # ---- introspection ---------------------------------------------------------------------
 
+    def call_stats(self) -> list:
+        """Per finished call: queueing time, time to first token, decode time and end-to-end
+        latency in seconds, engine, objective and token counts (`CallStats`), in finish order."""
+        return list(self.scheduler.call_stats) if self.scheduler else []
+
     def stats(self) -> RuntimeStats:
         """Token and call counters over all engines (see `RuntimeStats`)."""
         per = {e.name: e.stats() for e in self.engines}

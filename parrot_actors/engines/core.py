@@ -500,6 +500,9 @@ class EngineCore:
         s.running = len(self.running)
         s.waiting = len(self.waiting)
         s.contexts = len(self.contexts)
+        if self.batch_sizes:
+            s.mean_batch_size = sum(self.batch_sizes) / len(self.batch_sizes)
+            s.max_batch_size = max(self.batch_sizes)
         return EngineStats(**{f: getattr(s, f) for f in s.__struct_fields__})
 
 

@@ -132,6 +132,7 @@ class Engine:
         self.config = config
         self.name = config.name
         self.model_name = core.stats.model
+        self.aliases = (config.model,) if config.random_model is None else ()
         self.tokenizer = core.tokenizer
         self._tails: dict[str, asyncio.Future] = {}
         self._active: dict[str, set[Request]] = {}
@@ -361,6 +362,10 @@ class Engine:
     def has_context(self, context_id: str) -> bool:
         """True if the context exists."""
         return context_id in self.core.contexts
+
+    def batch_sizes(self) -> list[int]:
+        """Sequences in each step so far, in step order."""
+        return list(self.core.batch_sizes)
 
     def stats(self) -> EngineStats:
         """Counters since start (see `EngineStats`)."""

@@ -30,11 +30,13 @@ class CallInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class EngineState(msgspec.Struct, kw_only=True):
-    """What the policy knows of an engine: its served model, running calls (all / latency),
-    running tokens, free KV blocks (and block size) and the prefix keys it holds."""
+    """What the policy knows of an engine: its served model (and other names for it, e.g.
+    "default"), running calls (all / latency), running tokens, free KV blocks (and block size)
+    and the prefix keys it holds."""
 
     name: str
     model: str
+    aliases: tuple[str, ...] = ()
     running_calls: int = 0
     running_latency: int = 0
     running_tokens: int = 0
@@ -54,7 +56,7 @@ def eligible(call: CallInfo, engines: list[EngineState]) -> list[EngineState]:
     """Engines that serve the call's model (all engines when it names none)."""
     if call.model is None:
         return list(engines)
-    return [e for e in engines if e.model == call.model]
+    return [e for e in engines if call.model == e.model or call.model in e.aliases]
 
 
 def schedule_fcfs(ready: list[CallInfo], engines: list[EngineState]) -> list[Placement]:

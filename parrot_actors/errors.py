@@ -33,6 +33,11 @@ class ContextNotFoundError(EngineError):
     """A context id that the engine does not hold (never created, or already freed)."""
 
 
+class EngineDiedError(EngineError):
+    """The engine serving a request died (process or actor lost). The scheduler may retry the
+    call on another engine when nothing of it has been delivered yet."""
+
+
 class CapacityError(EngineError):
     """A single request can never fit in the engine's KV cache or model length, even alone."""
 

@@ -86,6 +86,15 @@ class Runtime:
 
         return RemoteRuntime(url, **kwargs)
 
+    @staticmethod
+    def ray(address: str = "auto", **kwargs: object) -> object:
+        """The same API on a Ray cluster (see `parrot_actors.ray`): engines and the scheduler
+        run as Ray actors; `async with pa.Runtime.ray(address="auto", engines=2) as rt: ...`.
+        Needs the `[ray]` extra."""
+        from parrot_actors.ray.client import RayRuntime
+
+        return RayRuntime(address, **kwargs)
+
     async def __aenter__(self) -> Runtime:
         await self.start()
         self._token = _current.set(self)

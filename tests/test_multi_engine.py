@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import parrot_actors as pa
 from parrot_actors.engines.echo import EchoEngine
 
@@ -56,3 +58,43 @@ async def test_model_routing_and_unknown_model():
         await pa.gather(*outs)
         assert set(engines_of(rt, {o.producer.id for o in outs}).values()) == {"b"}
         assert not any(e[0] == "generate" for e in a.log)
+
+
+class DyingEcho(EchoEngine):
+    """Dies (like a lost Ray actor) on its first generate."""
+
+    healthy = True
+
+    async def generate(
+        self, context_id, sampling=None, parent_context_id=None, priority=0, stream=False
+    ):
+        from parrot_actors.errors import EngineDiedError
+
+        self.healthy = False
+        self.contexts.clear()
+        raise EngineDiedError(f"engine {self.name!r} died")
+
+
+async def test_call_on_a_dead_engine_is_retried_elsewhere():
+    dying, alive = DyingEcho("a"), EchoEngine("b")
+    async with pa.Runtime(engines=[dying, alive]) as rt:
+        out = short(pa.Variable("hello"))
+        assert await out == "echo(Q: he"
+        log = rt.scheduler.event_log
+        assert [e[0] for e in log if e[1] == out.producer.id][:5] == [
+            "ready",
+            "dispatch",
+            "retry",
+            "dispatch",
+            "resolved",
+        ]
+        assert [e[2] for e in log if e[0] == "dispatch"] == ["a", "b"]
+
+
+async def test_dead_engine_fails_the_call_without_retries():
+    dying, alive = DyingEcho("a"), EchoEngine("b")
+    async with pa.Runtime(engines=[dying, alive], scheduler=pa.SchedulerConfig(max_retries=0)):
+        with pytest.raises(pa.CallError, match="died") as info:
+            await short(pa.Variable("hello"))
+        assert type(info.value.__cause__).__name__ == "EngineDiedError"
+        assert await short(pa.Variable("again")) == "echo(Q: ag"

@@ -55,6 +55,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._ctx_ids = itertools.count()
         self._background: set[asyncio.Task] = set()
+        self._retries: dict[int, int] = {}
 
     @property
     def sharing(self) -> bool:
@@ -103,6 +104,8 @@ class Scheduler:
         """A snapshot of every engine for the policy."""
         states = []
         for name, engine in self.engines.items():
+            if not getattr(engine, "healthy", True):
+                continue  # a dead engine (e.g. a Ray actor restarting) takes no new work
             mine = [c for c, e, _ in self.running.values() if e == name]
             s = engine.stats()
             held = tuple(k for (k, e) in self.prefixes.entries if e == name)
@@ -308,6 +311,7 @@ class Scheduler:
                 prompt_ids=self._ids[call.id],
                 prefix=entry,
                 priority=priority,
+                can_retry=self._retries.get(call.id, 0) < self.config.max_retries,
             )
         )
         self.running[call.id] = (call, engine_name, task)
@@ -315,6 +319,16 @@ class Scheduler:
 
     def _finished(self, call: SemanticCall, stats: CallStats) -> None:
         self.running.pop(call.id, None)
+        if call.state == "retry":
+            self._retries[call.id] = self._retries.get(call.id, 0) + 1
+            self.event_log.append(("retry", call.id, stats.engine))
+            entry = self._used.pop(call.id, None)
+            if entry is not None:
+                entry.users -= 1
+            call.state = "ready"
+            self.ready[call.id] = (call, time.perf_counter(), next(self._seq))
+            self.dispatch()
+            return
         self.call_stats.append(stats)
         self.event_log.append(("done" if call.state == "done" else "failed", call.id, ""))
         if call.state != "done":

@@ -21,6 +21,8 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     max_throughput_wait_s: a throughput call waiting longer than this is admitted regardless of
     waiting latency work (no starvation). static_prefix_cache: static prefixes kept after use.
     min_shared_tokens: token-level matching shares a common prefix at least this long.
+    max_retries: times a call is re-run on another engine after its engine died
+    (`EngineDiedError`) before any output was delivered; 0 fails it with the error instead.
     """
 
     policy: str = "app"
@@ -31,6 +33,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     max_throughput_wait_s: float = 5.0
     static_prefix_cache: int = 8
     min_shared_tokens: int = 64
+    max_retries: int = 1
 
     def validate(self) -> SchedulerConfig:
         """Return self or raise `InvalidRequestError` naming the bad field."""

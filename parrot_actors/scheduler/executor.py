@@ -12,7 +12,7 @@ import time
 
 import msgspec
 
-from parrot_actors.errors import CallError, ParrotError
+from parrot_actors.errors import CallError, EngineDiedError, ParrotError
 from parrot_actors.messages import LATENCY_PRIORITY, THROUGHPUT_PRIORITY, SamplingParams
 from parrot_actors.scheduler.prefixes import PrefixEntry
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective
@@ -69,12 +69,15 @@ async def run_call(
     prompt_ids: list[int],
     prefix: PrefixEntry | None = None,
     priority: int = LATENCY_PRIORITY,
+    can_retry: bool = False,
 ) -> None:
     """Run `call` on `engine` in context `context_id`, resolving its outputs in order.
 
     prompt_ids: the tokens of `first_segment(call)`. prefix: a prefix context whose tokens
     start `prompt_ids`; the call forks it and fills only the rest. On failure every unresolved
-    output fails with `CallError` chained to the cause; the context is always freed.
+    output fails with `CallError` chained to the cause; the context is always freed. If the
+    engine died (`EngineDiedError`) before any output resolved and `can_retry`, the call is
+    left in state "retry" with its outputs untouched, for the scheduler to run elsewhere.
     """
     start = time.perf_counter()
     stats.queue_s = start - ready_at
@@ -113,6 +116,14 @@ async def run_call(
             piece.var._resolve(result.text)
         call.state = "done"
     except BaseException as exc:
+        if (
+            isinstance(exc, EngineDiedError)
+            and can_retry
+            and not any(o.done() for o in call.outputs)
+        ):
+            call.state = "retry"
+            created = False  # the context died with its engine
+            return
         call.state = "failed"
         cause = exc if isinstance(exc, ParrotError) else CallError(repr(exc))
         for out in call.outputs:

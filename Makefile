@@ -23,11 +23,11 @@ demo: setup
 	$(PY) -m parrot_actors.cli demo
 
 test: setup
-	$(PY) -m ruff check parrot_actors tests benchmarks
+	$(PY) -m ruff check parrot_actors tests benchmarks scenarios examples
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check parrot_actors tests benchmarks
+	$(PY) -m ruff check parrot_actors tests benchmarks scenarios examples
 
 bench: setup
 	$(PY) benchmarks/engine_throughput.py

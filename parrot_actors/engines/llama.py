@@ -147,9 +147,10 @@ class LlamaRunner:
         for layer, cache in zip(self.layers, kv_caches):
             h = self._rms(x, layer.norm1)
             qkv = F.linear(h, layer.qkv)  # [T, (n_q + 2 n_kv) * hd]
-            q, k, v = qkv.split([n_q * hd, n_kv * hd, n_kv * hd], dim=-1)
-            q = self._rope(q.view(-1, n_q, hd), cos, sin)  # [T, n_q, hd]
-            k = self._rope(k.view(-1, n_kv, hd), cos, sin)  # [T, n_kv, hd]
+            qk, v = qkv.split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
+            # One rotary pass over q and k heads together: half the small ops per layer.
+            qk = self._rope(qk.view(-1, n_q + n_kv, hd), cos, sin)  # [T, n_q + n_kv, hd]
+            q, k = qk.split([n_q, n_kv], dim=1)  # [T, n_q, hd], [T, n_kv, hd]
             write_kv_flat(cache, k, v.view(-1, n_kv, hd), k_slots)
             attn = self.backend.forward(q, cache)  # [T, n_q, hd]
             x = x + F.linear(attn.reshape(-1, n_q * hd), layer.o)

@@ -215,6 +215,12 @@ class Engine:
         first fill), as the tokenizer adds them to a whole prompt."""
         return list(self.tokenizer.encode(text, add_special_tokens=first))
 
+    def chat_prompt(self, text: str) -> str:
+        """`text` as one user message in the model's chat template, ready for the reply."""
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+
     def detokenize(self, token_ids: list[int]) -> str:
         """Text of `token_ids`, special tokens skipped."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -381,13 +387,3 @@ class Engine:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._loop_task
 
-
-def _chat_prompt(tokenizer: object, text: str) -> str:
-    """`text` as one user message in the tokenizer's chat template, ready for the reply."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
-
-
-Engine.chat_prompt = lambda self, text: _chat_prompt(self.tokenizer, text)  # type: ignore[attr-defined]
-Engine.chat_prompt.__doc__ = "`text` wrapped as one user message of the model's chat template."

@@ -1,36 +1,91 @@
-"""The `parrot-actors` command line."""
+"""The `parrot-actors` command line.
+
+  parrot-actors serve [--model M] [--engines N] [--host H] [--port P]   run the service
+  parrot-actors demo [--url URL]        WriteSnakeGame and a map-reduce summary
+  parrot-actors run APP.py [--url URL] [-- ARGS]   run the async `main` of your app
+
+Without --url, `demo` and `run` start an embedded runtime in this process (`--model` and the
+other engine options choose its engines); with --url they use a running service through
+`pa.Runtime.connect(URL)`, so the same app runs either way unchanged.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import inspect
+import json
 import sys
 import time
+from pathlib import Path
 
 
-async def demo(document: str | None = None, chunks: int = 4, words: int = 120) -> None:
-    """The main job: WriteSnakeGame and a map-reduce summary on the embedded model."""
+def engine_specs(args: argparse.Namespace) -> list[object]:
+    """Engines from the engine options: `--model echo` gives fake EchoEngines (no model; for
+    tries and tests), anything else `EngineConfig`s (`--engines` of them)."""
+    n = max(1, args.engines)
+    if args.model == "echo":
+        from parrot_actors.engines.echo import EchoEngine
+
+        return [EchoEngine(name=f"echo{i}") for i in range(n)]
+    from parrot_actors.engines.engine import EngineConfig
+
+    extra: dict[str, object] = {}
+    if args.random_model:
+        extra["random_model"] = json.loads(args.random_model)
+    if args.kv_cache_mb:
+        extra["kv_cache_bytes"] = int(args.kv_cache_mb * (1 << 20))
+    return [
+        EngineConfig(
+            name=f"engine{i}", model=args.model, device=args.device, dtype=args.dtype, **extra
+        )
+        for i in range(n)
+    ]
+
+
+def open_runtime(args: argparse.Namespace) -> object:
+    """`pa.Runtime.connect(--url)`, or an embedded `pa.Runtime` over `engine_specs(args)`."""
+    import parrot_actors as pa
+
+    if args.url:
+        return pa.Runtime.connect(args.url)
+    return pa.Runtime(engines=engine_specs(args))
+
+
+async def _stats(rt: object) -> object:
+    stats = rt.stats()  # a coroutine on a remote runtime
+    return await stats if inspect.isawaitable(stats) else stats
+
+
+async def demo(args: argparse.Namespace) -> None:
+    """The main job: WriteSnakeGame and a map-reduce summary, embedded or against --url."""
     import parrot_actors as pa
     from parrot_actors import apps
 
-    print("Starting the embedded runtime (SmolLM2-135M-Instruct; the first run converts it)...")
-    async with pa.Runtime() as rt:
+    if args.url:
+        print(f"Connecting to the service at {args.url} ...")
+    elif args.model == "default":
+        print("Starting the embedded runtime (SmolLM2-135M-Instruct; the first run converts it)...")
+    async with open_runtime(args) as rt:
         t0 = time.perf_counter()
         code, test = apps.snake_game()
         print(f"\n=== WriteSnakeGame ===\n--- code ---\n{await code.get(perf=pa.LATENCY)}")
         print(f"--- test ---\n{await test.get(perf=pa.LATENCY)}")
         print(f"[end-to-end {time.perf_counter() - t0:.2f}s]")
 
-        title, text = apps.demo_document(document)
-        parts = apps.chunk_words(text, chunks, words)
+        title, text = apps.demo_document(args.document)
+        parts = apps.chunk_words(text, args.chunks, args.words)
         t0 = time.perf_counter()
         maps, final = apps.map_reduce_summary(parts)
-        print(f"\n=== Map-reduce summary of {title!r}: {len(parts)} chunks x {words} words ===")
+        print(
+            f"\n=== Map-reduce summary of {title!r}: {len(parts)} chunks x {args.words} words ==="
+        )
         print(await final.get(perf=pa.LATENCY))
         for i, m in enumerate(maps):
             print(f"  map {i}: {m.value().strip()[:160]}")
         print(f"[end-to-end {time.perf_counter() - t0:.2f}s]")
-        stats = rt.stats()
+        stats = await _stats(rt)
         print(
             f"\nstats: calls={stats.calls_completed} prefill={stats.prefill_tokens} "
             f"reused={stats.reused_tokens} generated={stats.generated_tokens}"
@@ -39,25 +94,138 @@ async def demo(document: str | None = None, chunks: int = 4, words: int = 120) -
             print(f"  {name}: {e}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `parrot-actors`; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="parrot-actors", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "demo",
-        help="run the main job (WriteSnakeGame and a map-reduce summary) "
-        "on the embedded default model",
+def load_main(path: str) -> object:
+    """The async `main` of the app file at `path`. Raises `SystemExit` with a message when the
+    file is missing or has no `async def main`."""
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"parrot-actors run: no such file: {path}")
+    spec = importlib.util.spec_from_file_location("__parrot_app__", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["__parrot_app__"] = module  # dataclasses and pickling look modules up here
+    spec.loader.exec_module(module)
+    main = getattr(module, "main", None)
+    if not inspect.iscoroutinefunction(main):
+        raise SystemExit(f"parrot-actors run: {path} has no `async def main()`")
+    return main
+
+
+async def run_app(args: argparse.Namespace) -> None:
+    """Run the app's `main()` (or `main(rt)` if it takes one argument) inside the runtime."""
+    main = load_main(args.app)
+    sys.argv = [args.app, *args.app_args]
+    async with open_runtime(args) as rt:
+        takes_runtime = len(inspect.signature(main).parameters) >= 1
+        await (main(rt) if takes_runtime else main())
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Run the service until SIGINT/SIGTERM."""
+    from parrot_actors.scheduler.config import SchedulerConfig
+    from parrot_actors.server import ServerConfig, run
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_body_bytes=args.max_body_bytes,
+        session_ttl_s=args.session_ttl,
+        max_pending_calls=args.max_pending_calls,
     )
-    p.add_argument(
+    scheduler = SchedulerConfig(policy=args.policy, prefix_sharing=not args.no_prefix_sharing)
+    run(engine_specs(args), config, scheduler)
+
+
+def _engine_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("engines (serve, and demo/run without --url)")
+    g.add_argument(
+        "--model",
+        default="default",
+        help="'default' (the embedded SmolLM2-135M-Instruct), a local Hugging Face folder of a "
+        "Llama-family model, or 'echo' (a fake engine, no model: for tries and tests)",
+    )
+    g.add_argument("--engines", type=int, default=1, help="engines of that model (default 1)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    g.add_argument("--kv-cache-mb", type=float, help="KV cache per engine, MiB (default 1024)")
+    g.add_argument(
+        "--random-model",
+        metavar="JSON",
+        help="random weights with these LlamaConfig fields instead of --model (benchmarks)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `parrot-actors` (subcommands serve, demo, run)."""
+    parser = argparse.ArgumentParser(
+        prog="parrot-actors",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo,run}")
+    engines = _engine_options()
+    s = sub.add_parser(
+        "serve",
+        parents=[engines],
+        help="run the HTTP service: the Parrot API (sessions, semantic calls, variables) and "
+        "the OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions)",
+        description="Run the service until Ctrl-C. Prints 'parrot-actors serving on URL' once "
+        "it listens. Health at /health, Prometheus metrics at /metrics.",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=9000, help="port (default 9000; 0 = any free)")
+    s.add_argument("--policy", default="app", choices=["app", "fcfs"], help="scheduling policy")
+    s.add_argument(
+        "--no-prefix-sharing", action="store_true", help="do not fork shared prefixes (baseline)"
+    )
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit")
+    s.add_argument("--session-ttl", type=float, default=600.0, help="idle session timeout, s")
+    s.add_argument("--max-pending-calls", type=int, default=1024, help="per session (429 beyond)")
+
+    d = sub.add_parser(
+        "demo",
+        parents=[engines],
+        help="run the main job (WriteSnakeGame and a map-reduce summary), embedded on the "
+        "default model, or against a running service with --url",
+    )
+    d.add_argument("--url", help="a running service, e.g. http://127.0.0.1:9000")
+    d.add_argument(
         "--document",
         help="text file to summarize (default: a chapter of the "
         "Python reference that ships with Python)",
     )
-    p.add_argument("--chunks", type=int, default=4, help="map calls (default 4)")
-    p.add_argument("--words", type=int, default=120, help="words per chunk (default 120)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        asyncio.run(demo(args.document, args.chunks, args.words))
+    d.add_argument("--chunks", type=int, default=4, help="map calls (default 4)")
+    d.add_argument("--words", type=int, default=120, help="words per chunk (default 120)")
+
+    r = sub.add_parser(
+        "run",
+        parents=[engines],
+        help="run the `async def main()` of APP.py inside a runtime: embedded, or against a "
+        "running service with --url (main may take the runtime as its one argument)",
+        description="Run APP.py's `async def main()` (or `main(rt)`) inside a runtime. "
+        "Arguments after `--` go to the app as sys.argv[1:].",
+    )
+    r.add_argument("app", metavar="APP.py", help="a Python file defining `async def main()`")
+    r.add_argument("--url", help="a running service, e.g. http://127.0.0.1:9000")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `parrot-actors`; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    app_args: list[str] = []
+    if "--" in argv:  # everything after `--` belongs to the app of `run`
+        cut = argv.index("--")
+        argv, app_args = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    args.app_args = app_args
+    if args.command == "serve":
+        serve(args)
+    elif args.command == "demo":
+        asyncio.run(demo(args))
+    elif args.command == "run":
+        asyncio.run(run_app(args))
     return 0
 
 

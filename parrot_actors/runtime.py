@@ -74,7 +74,9 @@ class Runtime:
         self.eager = eager
         self.engines: list = []
         self.scheduler: Scheduler | None = None
-        self.calls: dict[int, SemanticCall] = {}
+        self.calls: dict[int, SemanticCall] = {}  # submitted and not finished
+        self.calls_completed = 0
+        self.calls_failed = 0
         self._token: contextvars.Token | None = None
         self._owned: list = []
 
@@ -124,6 +126,7 @@ class Runtime:
             names.add(engine.name)
             self.engines.append(engine)
         self.scheduler = Scheduler(self.engines, self.scheduler_config)
+        self.scheduler.on_call_end.append(self._call_ended)
 
     async def close(self) -> None:
         """Cancel what runs and stop the engines this runtime started."""
@@ -156,8 +159,14 @@ class Runtime:
             call.wanted = True
         self._maybe_ready(call)
 
+    def _call_ended(self, call: SemanticCall) -> None:
+        # Finished calls leave the table so a long-running service does not grow without bound;
+        # the graph stays reachable through the variables the app still holds.
+        if self.calls.pop(call.id, None) is not None and call.state != "done":
+            self.calls_failed += 1
+
     def _track(self, var: Variable) -> None:
-        if var._on_demand is self._demand:
+        if var._on_demand == self._demand:  # bound methods compare equal, never identical
             return
         var._on_demand = self._demand
         var._on_cancel = self._cancel
@@ -173,8 +182,11 @@ class Runtime:
             self.scheduler.enqueue(call)
 
     def _resolved(self, var: Variable) -> None:
-        if var.producer is not None and self.scheduler is not None:
-            self.scheduler.event_log.append(("resolved", var.producer.id, var.name))
+        call = var.producer
+        if call is not None and self.scheduler is not None and var._error is None:
+            self.scheduler.event_log.append(("resolved", call.id, var.name))
+            if all(o.done() and o._error is None for o in call.outputs):
+                self.calls_completed += 1  # counted when the app can see it, not at cleanup
         for call in var.consumers:
             if var._error is not None:
                 self._fail_call(call, var)
@@ -210,13 +222,12 @@ class Runtime:
     def stats(self) -> RuntimeStats:
         """Token and call counters over all engines (see `RuntimeStats`)."""
         per = {e.name: e.stats() for e in self.engines}
-        states = [c.state for c in self.calls.values()]
         return RuntimeStats(
             prefill_tokens=sum(s.prefill_tokens for s in per.values()),
             reused_tokens=sum(s.reused_tokens for s in per.values()),
             generated_tokens=sum(s.generated_tokens for s in per.values()),
-            calls_completed=states.count("done"),
-            calls_failed=states.count("failed"),
+            calls_completed=self.calls_completed,
+            calls_failed=self.calls_failed,
             engines=per,
         )
 

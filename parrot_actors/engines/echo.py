@@ -66,6 +66,9 @@ class EchoEngine:
             reused = len(self.contexts[context_id])
             self._stats.reused_tokens += reused
         if token_ids is not None:
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < 0x110000]
+            if bad:
+                raise InvalidRequestError(f"token ids {bad[:5]} outside [0, 0x110000)")
             text = "".join(chr(t) for t in token_ids)
         text = text or ""
         if context_id not in self.contexts and not text:

@@ -267,14 +267,18 @@ class Engine:
                     f"fill of new context {context_id!r} with no tokens: empty prompt"
                 )
             try:
-                _, fut = self._submit(
+                req, fut = self._submit(
                     lambda cb: core.add_fill(ctx, list(ids), priority, reused, cb)
                 )
             except Exception:
                 if not exists and not ctx.tokens:
                     core.contexts.free(context_id)
                 raise
-            return await fut
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                core.cancel(req, EngineError("fill cancelled"))
+                raise
 
         return await self._in_order(context_id, after, op)
 

@@ -34,7 +34,10 @@ def sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator 
     """
     if sampling.temperature == 0.0:
         return int(torch.argmax(logits))
-    scaled = logits.float().cpu() / sampling.temperature  # [vocab]
+    # Subtract the max first: with a tiny temperature the division would overflow to inf and
+    # softmax would return NaN; this way the best token is 0 and the rest go to -inf at worst.
+    logits = logits.float().cpu()
+    scaled = (logits - logits.max()) / sampling.temperature  # [vocab]
     if sampling.top_k > 0 and sampling.top_k < scaled.numel():
         kth = torch.topk(scaled, sampling.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

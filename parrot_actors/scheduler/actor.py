@@ -56,6 +56,7 @@ class Scheduler:
         self._ctx_ids = itertools.count()
         self._background: set[asyncio.Task] = set()
         self._retries: dict[int, int] = {}
+        self.on_call_end: list = []  # callbacks(call), once per registered call
 
     @property
     def sharing(self) -> bool:
@@ -92,6 +93,8 @@ class Scheduler:
         keys = self._keys.pop(call.id, None)
         if keys is None:
             return
+        for fn in self.on_call_end:
+            fn(call)
         entry = self._used.pop(call.id, None)
         self._ids.pop(call.id, None)
         if self.sharing:

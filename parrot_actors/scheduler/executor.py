@@ -122,7 +122,6 @@ async def run_call(
             and not any(o.done() for o in call.outputs)
         ):
             call.state = "retry"
-            created = False  # the context died with its engine
             return
         call.state = "failed"
         cause = exc if isinstance(exc, ParrotError) else CallError(repr(exc))
@@ -135,8 +134,8 @@ async def run_call(
             raise
     finally:
         stats.e2e_s = time.perf_counter() - ready_at
-        if created:
-            try:
-                await engine.free_context(context_id)
-            except ParrotError:
-                pass
+        # Also when cancelled inside the first fill: the context may exist by now.
+        try:
+            await engine.free_context(context_id)
+        except ParrotError:
+            pass

@@ -1,0 +1,155 @@
+"""The aiohttp application and the ways to run it.
+
+`create_app(runtime, config)` builds the app over a started runtime (tests use it with
+EchoEngine or tiny engines); `start_server(...)` listens on a real socket and returns a handle;
+`run(...)` is the blocking entry point of `parrot-actors serve` (uvloop when installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from parrot_actors.scheduler.config import SchedulerConfig
+from parrot_actors.server.config import ServerConfig
+from parrot_actors.server.http import error_middleware, json_response
+from parrot_actors.server.metrics import Metrics
+from parrot_actors.server.openai_api import OpenAIAPI
+from parrot_actors.server.parrot_api import ParrotAPI
+from parrot_actors.server.protocol import Health
+from parrot_actors.server.router import EngineRouter
+from parrot_actors.server.service import SharedRuntime
+from parrot_actors.server.sessions import SessionManager
+
+log = logging.getLogger("parrot_actors.server")
+
+SESSIONS = web.AppKey("sessions", SessionManager)
+METRICS = web.AppKey("metrics", Metrics)
+RUNTIME = web.AppKey("runtime", object)
+
+
+def create_app(runtime: object, config: ServerConfig | None = None) -> web.Application:
+    """The service over a started `runtime` (a `SharedRuntime` streams variables token by
+    token; a plain `pa.Runtime` works too, streaming whole values). The app ends every session
+    on cleanup; closing the runtime stays the caller's job. Raises `InvalidRequestError` for
+    a bad config."""
+    config = (config or ServerConfig()).validate()
+    sessions = SessionManager(runtime, config)
+    metrics = Metrics(runtime, lambda: len(sessions))
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[metrics.middleware(), error_middleware],
+    )
+    app[SESSIONS] = sessions
+    app[METRICS] = metrics
+    app[RUNTIME] = runtime
+    router = EngineRouter(runtime)
+    parrot = ParrotAPI(runtime, sessions, config, metrics)
+    openai = OpenAIAPI(router, config, metrics)
+
+    async def health(request: web.Request) -> web.Response:
+        return json_response(
+            Health(
+                status="ok",
+                engines=len(router.engines),
+                sessions=len(sessions),
+                models=router.models(),
+            )
+        )
+
+    async def prometheus(request: web.Request) -> web.Response:
+        body, ctype = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    app.add_routes([web.get("/health", health), web.get("/metrics", prometheus)])
+    app.add_routes(parrot.routes())
+    app.add_routes(openai.routes())
+
+    async def on_startup(_: web.Application) -> None:
+        sessions.start_reaper()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await sessions.close_all()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+class Server:
+    """A running service: `url`, and `close()` to stop listening, end the sessions and (when
+    it started it) close the runtime."""
+
+    def __init__(self, runner: web.AppRunner, url: str, runtime: object, owns: bool) -> None:
+        self.runner = runner
+        self.url = url
+        self.runtime = runtime
+        self._owns = owns
+
+    async def close(self) -> None:
+        """Stop the server (open connections are cut), then the runtime if owned."""
+        await self.runner.cleanup()
+        if self._owns:
+            await self.runtime.close()
+
+
+async def start_server(
+    engines: Sequence[object] | None = None,
+    config: ServerConfig | None = None,
+    scheduler: SchedulerConfig | None = None,
+    runtime: object | None = None,
+) -> Server:
+    """Start a `SharedRuntime` over `engines` (EngineConfigs or engine objects; none: the
+    default model), or use the started `runtime` given, and serve it on
+    `config.host:config.port` (port 0: a free port). Client disconnects cancel their handlers
+    (and so their generations). Raises `OSError` when the address is taken."""
+    config = (config or ServerConfig()).validate()
+    owns = runtime is None
+    if runtime is None:
+        runtime = SharedRuntime(engines or [], scheduler)
+        await runtime.start()
+    try:
+        runner = web.AppRunner(create_app(runtime, config), handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+    except BaseException:
+        if owns:
+            await runtime.close()
+        raise
+    port = runner.addresses[0][1]
+    return Server(runner, f"http://{config.host}:{port}", runtime, owns)
+
+
+async def serve_forever(
+    engines: Sequence[object], config: ServerConfig, scheduler: SchedulerConfig | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM; prints the URL once listening."""
+    server = await start_server(engines, config, scheduler)
+    print(f"parrot-actors serving on {server.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+
+
+def run(
+    engines: Sequence[object], config: ServerConfig, scheduler: SchedulerConfig | None = None
+) -> None:
+    """Blocking entry point: `serve_forever` on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve_forever(engines, config, scheduler))
+        return
+    uvloop.run(serve_forever(engines, config, scheduler))

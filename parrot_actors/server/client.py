@@ -1,0 +1,330 @@
+"""`pa.Runtime.connect(url)`: the embedded runtime's Python API against a running service.
+
+Calling a semantic function inside `async with pa.Runtime.connect(url) as rt:` returns its
+output variables at once, as embedded. Submissions, sets and cancels go to the service in
+order through one sender task (one HTTP request each, never waiting on results), so a chain
+of N dependent calls costs N requests however deep it is; the service runs each call when its
+inputs resolve. `await var` sends ONE waiting GET for that variable; the answer also carries
+the values of its upstream variables, so `value()` works on them without more requests.
+Client-side `pa.Variable("...")` values travel inline with the first submission that uses
+them. Service errors come back as the same typed exceptions (`CallError` chained to its cause,
+`TemplateError`, ...). Unlike the embedded runtime, `rt.stats()` is a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import weakref
+
+import aiohttp
+import msgspec
+
+from parrot_actors.errors import CallError, ParrotError, TemplateError
+from parrot_actors.runtime import RuntimeStats, _current
+from parrot_actors.server.client_wire import encode_call, error_from_response
+from parrot_actors.server.errors import GetTimeoutError, exception_from
+from parrot_actors.server.protocol import (
+    CallAccepted,
+    CreateSession,
+    SessionCreated,
+    SetVariable,
+    VariableState,
+)
+from parrot_actors.variables.graph import SemanticCall, check_acyclic
+from parrot_actors.variables.perf import LATENCY
+from parrot_actors.variables.variable import Variable
+
+log = logging.getLogger("parrot_actors.client")
+
+
+class RemoteRuntime:
+    """The Parrot API over HTTP, used like `pa.Runtime` (see the module docstring).
+
+    url: the service's base URL. session_ttl_s: inactivity timeout of the session (seconds;
+    None = the server's default). get_timeout_s: server-side wait of one GET (seconds; the
+    client re-asks after a 504). request_timeout_s: limit of every other request (seconds).
+    trace_configs: aiohttp `TraceConfig`s (e.g. to count requests). max_connections: pooled
+    keep-alive connections. `requests_sent` counts HTTP requests made.
+
+    Errors: `submit` raises `CallError` for a cycle or an output that already has a producer
+    (as embedded); everything the service rejects surfaces when the affected variable is
+    awaited, as `CallError` chained to the service's typed error.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        session_ttl_s: float | None = None,
+        get_timeout_s: float = 300.0,
+        request_timeout_s: float = 60.0,
+        trace_configs: list[aiohttp.TraceConfig] | None = None,
+        max_connections: int = 64,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.session_ttl_s = session_ttl_s
+        self.get_timeout_s = get_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.trace_configs = trace_configs or []
+        self.max_connections = max_connections
+        self.session_id: str | None = None
+        self.requests_sent = 0
+        self._http: aiohttp.ClientSession | None = None
+        self._auth: dict[str, str] = {}
+        self._queue: asyncio.Queue | None = None
+        self._sender: asyncio.Task | None = None
+        self._known: set[str] = set()
+        self._pending_remote: set[str] = set()
+        self._vars: weakref.WeakValueDictionary[str, Variable] = weakref.WeakValueDictionary()
+        self._fetching: dict[str, asyncio.Task | None] = {}
+        self._ctx_token: contextvars.Token | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> RemoteRuntime:
+        await self.start()
+        self._ctx_token = _current.set(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._ctx_token is not None:
+            _current.reset(self._ctx_token)
+            self._ctx_token = None
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the connection pool, create the session and start the sender. Raises the
+        service's typed error, or `aiohttp.ClientError` when it cannot be reached."""
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.max_connections),
+            trace_configs=self.trace_configs,
+        )
+        try:
+            created = await self._request(
+                "POST", "/v1/sessions", CreateSession(ttl_s=self.session_ttl_s), SessionCreated
+            )
+        except BaseException:
+            await self._http.close()
+            raise
+        self.session_id = created.session_id
+        self._auth = {"Authorization": f"Bearer {created.token}"}
+        self._queue = asyncio.Queue()
+        self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+
+    async def close(self) -> None:
+        """Stop sending, end the session (the service cancels its calls and frees their
+        contexts) and fail every variable still pending here with `CallError`."""
+        tasks = [t for t in (self._sender, *self._fetching.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sender = None
+        self._queue = None
+        if self._http is not None:
+            if self._auth:
+                try:
+                    await self._request("DELETE", "/v1/session")
+                except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    log.warning("ending session %s failed: %s", self.session_id, exc)
+            await self._http.close()
+            self._http = None
+        for var in list(self._vars.values()):
+            if not var.done():
+                var._fail(CallError(f"variable {var.name!r}: the remote runtime was closed"))
+
+    # ---- the graph (same contract as Runtime.submit) ---------------------------------------
+
+    def submit(self, call: SemanticCall) -> None:
+        """Queue `call` for the service and return at once. Raises `CallError` for a cycle or
+        an output that already has a producer or value, `TemplateError` when not started."""
+        if self._queue is None:
+            raise TemplateError("the remote runtime is not started: use `async with`")
+        check_acyclic(call)
+        for v in call.outputs:
+            v.producer = call
+        for v in call.inputs:
+            v.consumers.append(call)
+        for v in call.inputs + call.outputs:
+            self._track(v)
+        self._queue.put_nowait(("call", call))
+        for v in call.outputs:
+            if v._waiters:  # someone already awaits this variable
+                self._demand(v, LATENCY)
+
+    def _track(self, var: Variable) -> None:
+        if var._on_demand == self._demand:
+            return
+        var._on_demand = self._demand
+        var._on_cancel = self._cancel
+        self._vars[var.id] = var
+        var._add_listener(self._resolved)
+
+    def _demand(self, var: Variable, perf: str) -> None:
+        # Variables with no producer resolve only by a local set; nothing to ask for.
+        if var.producer is None or var.id in self._fetching or self._queue is None:
+            return
+        self._fetching[var.id] = None
+        self._queue.put_nowait(("get", var, perf))
+
+    def _resolved(self, var: Variable) -> None:
+        if var.producer is None and var._error is None and self._queue is not None:
+            self._queue.put_nowait(("set", var))
+
+    def _cancel(self, var: Variable) -> None:
+        call = var.producer
+        if call is not None and call.state not in ("done", "failed"):
+            call.state = "failed"
+            for out in call.outputs:
+                out._fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
+        if self._queue is not None:
+            self._queue.put_nowait(("cancel", var))
+
+    # ---- the sender -------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                await self._process(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad item must never stop the ones behind it
+                log.exception("sending %s failed", item[0])
+
+    async def _process(self, item: tuple) -> None:
+        kind, var = item[0], item[1]
+        if kind == "call":
+            await self._send_call(var)
+        elif kind == "get":
+            if var.done() or var.id not in self._known:
+                self._fetching.pop(var.id, None)
+            else:
+                self._fetching[var.id] = asyncio.get_running_loop().create_task(
+                    self._fetch(var, item[2])
+                )
+        elif kind == "set" and var.id in self._pending_remote:
+            self._pending_remote.discard(var.id)
+            await self._quiet("PUT", f"/v1/variables/{var.id}", SetVariable(value=var.value()))
+        elif kind == "cancel" and var.id in self._known:
+            await self._quiet("POST", f"/v1/variables/{var.id}/cancel")
+        elif kind == "flush":
+            var.set_result(None)
+
+    async def _send_call(self, call: SemanticCall) -> None:
+        if call.state == "failed":  # cancelled before it was sent
+            return
+        for v in call.inputs:
+            if v.id not in self._known and v.done() and v._error is not None:
+                err = CallError(f"{call.function_name}#{call.id}: input {v.name!r} failed")
+                err.__cause__ = v._error
+                self._fail_call(call, err)
+                return
+        req = encode_call(call, self._known)
+        try:
+            await self._request("POST", "/v1/calls", req, CallAccepted)
+        except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            err = CallError(f"{call.function_name}#{call.id}: the service refused it: {exc}")
+            err.__cause__ = exc
+            self._fail_call(call, err)
+            return
+        outputs = {v.id for v in call.outputs}
+        for nv in req.variables:
+            self._known.add(nv.id)
+            if nv.value is None and nv.id not in outputs:
+                self._pending_remote.add(nv.id)  # the service waits for our set()
+        self._known.update(outputs)
+
+    def _fail_call(self, call: SemanticCall, err: CallError) -> None:
+        call.state = "failed"
+        for out in call.outputs:
+            out._fail(err)
+
+    async def _fetch(self, var: Variable, perf: str) -> None:
+        try:
+            while True:
+                try:
+                    state = await self._request(
+                        "GET",
+                        f"/v1/variables/{var.id}",
+                        type_=VariableState,
+                        params={"perf": perf, "timeout": str(self.get_timeout_s)},
+                        timeout=self.get_timeout_s + self.request_timeout_s,
+                    )
+                except GetTimeoutError:
+                    continue  # a long wait: ask again
+                if state.state != "pending":
+                    self._apply(var, state)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            err = CallError(f"getting {var.name!r} from the service failed: {exc}")
+            err.__cause__ = exc
+            var._fail(err)
+        finally:
+            self._fetching.pop(var.id, None)
+
+    def _apply(self, var: Variable, state: VariableState) -> None:
+        for vid, value in state.resolved.items():
+            other = self._vars.get(vid)
+            if other is not None:
+                self._pending_remote.discard(vid)
+                other._resolve(value)
+        if state.state == "done":
+            var._resolve(state.value or "")
+        elif state.state == "failed" and state.error is not None:
+            var._fail(exception_from(state.error))
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far has been sent (and answered)."""
+        if self._queue is None:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(("flush", fut))
+        await fut
+
+    # ---- HTTP -------------------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: object | None = None,
+        type_: type | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> object:
+        self.requests_sent += 1
+        data = msgspec.json.encode(body) if body is not None else None
+        headers = dict(self._auth)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        async with self._http.request(
+            method,
+            self.url + path,
+            data=data,
+            headers=headers,
+            params=params,
+            timeout=aiohttp.ClientTimeout(total=timeout or self.request_timeout_s),
+        ) as resp:
+            raw = await resp.read()
+            status = resp.status
+        if status >= 400:
+            raise error_from_response(status, raw)
+        return msgspec.json.decode(raw, type=type_) if type_ is not None else None
+
+    async def _quiet(self, method: str, path: str, body: object | None = None) -> None:
+        try:
+            await self._request(method, path, body)
+        except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("%s %s failed: %s", method, path, exc)
+
+    # ---- introspection ---------------------------------------------------------------------
+
+    async def stats(self) -> RuntimeStats:
+        """The service's counters (all sessions), after everything queued here was sent. A
+        coroutine, unlike the embedded `Runtime.stats()`: `stats = await rt.stats()`."""
+        await self.flush()
+        return await self._request("GET", "/v1/stats", type_=RuntimeStats)

@@ -1,0 +1,138 @@
+"""Prometheus metrics of the service (text format at GET /metrics).
+
+Request counts and latencies are recorded by a middleware; engine counters (tokens, KV blocks,
+queue lengths) and scheduler queues are read from the live objects at scrape time, so they are
+never stale. Each app has its own registry, so several servers can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+_ENGINE_COUNTERS = {
+    "prefill_tokens": "tokens whose KV the engine computed",
+    "reused_tokens": "tokens whose KV came from a fork or the prefix cache",
+    "generated_tokens": "tokens sampled",
+    "preemptions": "generations preempted for recomputation",
+}
+_ENGINE_GAUGES = {
+    "kv_blocks_used": "KV blocks in use",
+    "kv_blocks_total": "KV blocks in the pool",
+    "running": "requests in the running batch",
+    "waiting": "requests queued in the engine",
+    "contexts": "live contexts",
+}
+
+
+class _LiveCollector:
+    """Reads engine stats, scheduler queues and the session count when scraped."""
+
+    def __init__(self, runtime: object, sessions: Callable[[], int]) -> None:
+        self.runtime = runtime
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[object]:
+        stats = [e.stats() for e in getattr(self.runtime, "engines", [])]
+        for field, doc in _ENGINE_COUNTERS.items():
+            fam = CounterMetricFamily(f"parrot_engine_{field}", doc, labels=["engine"])
+            for s in stats:
+                fam.add_metric([s.name], getattr(s, field))
+            yield fam
+        for field, doc in _ENGINE_GAUGES.items():
+            fam = GaugeMetricFamily(f"parrot_engine_{field}", doc, labels=["engine"])
+            for s in stats:
+                fam.add_metric([s.name], getattr(s, field))
+            yield fam
+        scheduler = getattr(self.runtime, "scheduler", None)
+        yield GaugeMetricFamily(
+            "parrot_scheduler_ready_calls",
+            "calls ready and waiting for an engine",
+            value=len(getattr(scheduler, "ready", ())),
+        )
+        yield GaugeMetricFamily(
+            "parrot_scheduler_running_calls",
+            "calls running on engines",
+            value=len(getattr(scheduler, "running", ())),
+        )
+        yield GaugeMetricFamily("parrot_sessions", "live sessions", value=self.sessions())
+
+
+class Metrics:
+    """The service's metrics: request counters and latency histograms (seconds), OpenAI token
+    counters, variable wait times, and the live engine/scheduler/session gauges."""
+
+    def __init__(self, runtime: object, sessions: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "parrot_http_requests",
+            "HTTP requests answered",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "parrot_http_request_seconds",
+            "HTTP request latency (until the handler returns; streams until their end)",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "parrot_openai_tokens",
+            "tokens of OpenAI-compatible requests",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "parrot_openai_ttft_seconds",
+            "time to first token of OpenAI-compatible requests",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.variable_wait = Histogram(
+            "parrot_variable_wait_seconds",
+            "server-side wait of GET /v1/variables/{id}",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_LiveCollector(runtime, sessions))
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def middleware(self) -> Callable:
+        """An aiohttp middleware counting requests by route template (not raw path, so random
+        paths cannot blow up the label set), method and status, and timing them."""
+
+        @web.middleware
+        async def record(request: web.Request, handler: Callable) -> web.StreamResponse:
+            start = time.perf_counter()
+            status = 500
+            try:
+                resp = await handler(request)
+                status = resp.status
+                return resp
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            finally:
+                route = _route_of(request)
+                method = request.method if request.method in _METHODS else "OTHER"
+                self.requests.labels(route, method, str(status)).inc()
+                self.latency.labels(route).observe(time.perf_counter() - start)
+
+        return record
+
+
+def _route_of(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"

@@ -1,0 +1,369 @@
+"""Every message of the service's wire protocol, as msgspec structs (JSON on the wire).
+
+Requests forbid unknown fields, so a typo is a 400 that names the field instead of a silently
+ignored setting. Responses accept unknown fields when decoded (newer servers may add some).
+Two APIs share the port: the Parrot API (sessions, calls, variables; see `parrot_api`) and the
+OpenAI-compatible API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+MAX_TOKENS_LIMIT = 1 << 16
+"""Largest `max_tokens` a request may ask for (tokens); engines cut earlier at their length."""
+
+VarId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
+"""A variable id: 1-128 characters of letters, digits and `_ . : -`; chosen by the client
+(the Python client sends its local `Variable.id`) or by the server."""
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+Seed = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+Stop = str | Annotated[list[str], Meta(max_length=16)]
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of request bodies: unknown fields are an error."""
+
+
+class Response(msgspec.Struct, kw_only=True):
+    """Base of response bodies."""
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+class ErrorBody(Response, kw_only=True):
+    """An error: the exception class name, its message, and the error that caused it."""
+
+    type: str
+    message: str
+    cause: ErrorBody | None = None
+
+
+class ErrorResponse(Response, kw_only=True):
+    """The body of every 4xx/5xx answer."""
+
+    error: ErrorBody
+
+
+# ---- the Parrot API ---------------------------------------------------------------------------
+
+
+class CreateSession(Request, kw_only=True):
+    """POST /v1/sessions. ttl_s: seconds of inactivity after which the session ends and its
+    variables and contexts are freed (the server caps it; default from its config)."""
+
+    ttl_s: Annotated[float, Meta(gt=0.0)] | None = None
+
+
+class SessionCreated(Response, kw_only=True):
+    """A new session: send `token` as `Authorization: Bearer <token>` on every other call."""
+
+    session_id: str
+    token: str
+    ttl_s: float
+    max_pending_calls: int
+
+
+class SessionClosed(Response, kw_only=True):
+    """DELETE /v1/session: calls cancelled and variables freed with the session."""
+
+    session_id: str
+    cancelled_calls: int
+    freed_variables: int
+
+
+class Sampling(Request, kw_only=True):
+    """Sampling of one output (all optional; unset fields take the engine defaults). Values
+    are checked as the engines check them (`SamplingParams.validate`), so the errors read the
+    same as embedded.
+
+    max_tokens: tokens at most. temperature: 0 = greedy. top_p in (0, 1]. top_k: 0 = all.
+    stop: strings that end the output. seed: per-call seed. ignore_eos: keep going past EOS.
+    """
+
+    max_tokens: MaxTokens | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
+    ignore_eos: bool | None = None
+
+
+class Arg(Request, kw_only=True):
+    """The binding of one template parameter.
+
+    var: a variable id of this session (an input to read, or the output to produce; an output
+    id the session does not hold yet is created). value: literal text (an input that is not a
+    variable, or a plain parameter rendered verbatim). sampling: for outputs only.
+    """
+
+    var: VarId | None = None
+    value: str | None = None
+    sampling: Sampling | None = None
+
+
+class NewVariable(Request, kw_only=True):
+    """A variable to create before the call runs (a client-side `pa.Variable` that this call is
+    the first to use): its id, optional name, and its value if it already has one."""
+
+    id: VarId
+    name: Name | None = None
+    value: str | None = None
+
+
+class SubmitCall(Request, kw_only=True):
+    """POST /v1/calls: one semantic call.
+
+    template: prompt text with `{{input:x}}`, `{{output:y}}` and plain `{{z}}` placeholders
+    (a plain one is an input if its arg has `var`, an output if it has `sampling`, else a
+    parameter rendered verbatim); text after the last output is dropped. args: one `Arg` per
+    placeholder name. name: the function name (used in error messages). model: the model the
+    call needs (None = any engine). chat: wrap the prompt before the first output as one user
+    message of the model's chat template. sampling: defaults for every output. variables:
+    variables to create first (so the submission that first uses them carries them inline).
+    """
+
+    template: str
+    args: dict[str, Arg] = {}
+    name: Name = "call"
+    model: str | None = None
+    chat: bool = False
+    sampling: Sampling | None = None
+    variables: Annotated[list[NewVariable], Meta(max_length=4096)] = []
+
+
+class CallAccepted(Response, kw_only=True):
+    """The call is in the graph; `outputs` maps each output parameter to its variable id."""
+
+    call_id: int
+    outputs: dict[str, str]
+
+
+class CreateVariable(Request, kw_only=True):
+    """POST /v1/variables: a variable with an optional id (else the server picks one), name and
+    value (else it is pending until set)."""
+
+    id: VarId | None = None
+    name: Name | None = None
+    value: str | None = None
+
+
+class SetVariable(Request, kw_only=True):
+    """PUT /v1/variables/{id}: give a pending variable with no producer its value."""
+
+    value: str
+
+
+class VariableState(Response, kw_only=True):
+    """A variable: state "pending", "done" (with `value`) or "failed" (with `error`).
+
+    resolved: values of variables upstream of this one that resolved and that this session has
+    not been sent yet (so the client's intermediate variables get their values without extra
+    requests).
+    """
+
+    id: str
+    name: str
+    state: str
+    value: str | None = None
+    error: ErrorBody | None = None
+    resolved: dict[str, str] = {}
+
+
+class CancelResult(Response, kw_only=True):
+    """POST /v1/variables/{id}/cancel: False if the variable had already resolved."""
+
+    id: str
+    cancelled: bool
+
+
+class TokenEvent(Response, kw_only=True):
+    """One SSE `token` event of GET /v1/variables/{id}/stream: text the output grew by."""
+
+    text: str
+
+
+class Health(Response, kw_only=True):
+    """GET /health: "ok", engine count, live sessions, served models."""
+
+    status: str
+    engines: int
+    sessions: int
+    models: list[str]
+
+
+# ---- the OpenAI-compatible API ----------------------------------------------------------------
+
+
+class StreamOptions(Request, kw_only=True):
+    """`stream_options`: include_usage adds a last chunk with the usage counts."""
+
+    include_usage: bool = False
+
+
+class _OpenAIRequest(Request, kw_only=True):
+    """Fields shared by completions and chat completions. Fields that the service accepts for
+    compatibility but does not implement must keep their neutral value (a 400 says so)."""
+
+    model: str
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: TopP | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_OpenAIRequest, kw_only=True):
+    """POST /v1/completions. prompt: text, a list of one text, or a list of token ids."""
+
+    prompt: str | list[str | int]
+    max_tokens: MaxTokens | None = None
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(Request, kw_only=True):
+    """A text part of a message's content (other part types are not supported)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Request, kw_only=True):
+    """One chat message."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(Request, kw_only=True):
+    """`response_format`: only plain text is supported."""
+
+    type: Literal["text"]
+
+
+class ChatRequest(_OpenAIRequest, kw_only=True):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+
+
+class Usage(Response, kw_only=True):
+    """Token counts of one request: prompt tokens (the tokenizer's length of the prompt) and
+    generated tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(Response, kw_only=True):
+    """One completion choice (`finish_reason` "stop" or "length"; None while streaming)."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class Completion(Response, kw_only=True):
+    """A text completion, or one chunk of a streamed one (then `usage` is None until the
+    last chunk)."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(Response, kw_only=True):
+    """The generated chat message."""
+
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(Response, kw_only=True):
+    """One chat completion choice."""
+
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletion(Response, kw_only=True):
+    """A chat completion."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(Response, kw_only=True, omit_defaults=True):
+    """What a streamed chat chunk adds: the role (first chunk) and/or content."""
+
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Response, kw_only=True):
+    """One choice of a streamed chat chunk."""
+
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Response, kw_only=True):
+    """One chunk of a streamed chat completion."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(Response, kw_only=True):
+    """One served model."""
+
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "parrot_actors"
+
+
+class ModelList(Response, kw_only=True):
+    """GET /v1/models."""
+
+    object: str = "list"
+    data: list[ModelCard]

@@ -428,8 +428,13 @@ class EngineCore:
             req.ctx.last_logits = last
             if req.kind == "fill":
                 self._finish_fill(req)
-            else:
+                continue
+            try:
                 self._sample_into(req, last)
+            except Exception as exc:  # one request's sampling must not stop the engine
+                self._finish(
+                    req, None, EngineError(f"sampling failed for context {req.ctx.id!r}: {exc!r}")
+                )
 
     def _finish_fill(self, req: Request) -> None:
         ctx = req.ctx

@@ -160,3 +160,15 @@ async def test_unknown_model_fails_clearly():
     async with pa.Runtime(engines=[EchoEngine()]):
         with pytest.raises(pa.CallError, match="needs model 'llama-70b'.*'echo'"):
             await big(pa.Variable("q"))
+
+
+@pa.semantic_function(max_tokens=40, chat=True)
+def chat_step(prev: pa.Input, out: pa.Output):
+    """Reply to: {{prev}}{{out}}"""
+
+
+async def test_chat_wraps_the_prompt_as_one_user_message():
+    engine = EchoEngine()
+    async with pa.Runtime(engines=[engine]):
+        assert await chat_step(pa.Variable("hi")) == "echo(><assistant>)"
+        assert engine.log[0] == ("fill", engine.log[0][1], "<user>Reply to: hi</user><assistant>")

@@ -132,6 +132,11 @@ def serve(args: argparse.Namespace) -> None:
         max_pending_calls=args.max_pending_calls,
     )
     scheduler = SchedulerConfig(policy=args.policy, prefix_sharing=not args.no_prefix_sharing)
+    if args.ray:
+        from parrot_actors.ray.serve import run_ray
+
+        run_ray(args.ray, engine_specs(args), config, scheduler)
+        return
     run(engine_specs(args), config, scheduler)
 
 
@@ -182,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit")
     s.add_argument("--session-ttl", type=float, default=600.0, help="idle session timeout, s")
     s.add_argument("--max-pending-calls", type=int, default=1024, help="per session (429 beyond)")
+    s.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the engines as Ray actors on the cluster at ADDRESS ('auto' or HOST:PORT): "
+        "those of a running deployment with the same names (engine0, ...), else new ones that "
+        "live as long as the server (needs the [ray] extra)",
+    )
 
     d = sub.add_parser(
         "demo",

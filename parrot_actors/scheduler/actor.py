@@ -103,11 +103,11 @@ class Scheduler:
 
     # ---- placement ----------------------------------------------------------------------------
 
-    def engine_states(self) -> list[EngineState]:
-        """A snapshot of every engine for the policy."""
+    def engine_states(self, include_unhealthy: bool = False) -> list[EngineState]:
+        """A snapshot of every engine for the policy (healthy ones only, unless asked)."""
         states = []
         for name, engine in self.engines.items():
-            if not getattr(engine, "healthy", True):
+            if not include_unhealthy and not getattr(engine, "healthy", True):
                 continue  # a dead engine (e.g. a Ray actor restarting) takes no new work
             mine = [c for c, e, _ in self.running.values() if e == name]
             s = engine.stats()
@@ -124,6 +124,12 @@ class Scheduler:
                 )
             )
         return states
+
+    def _all_states(self) -> list[EngineState]:
+        return [
+            EngineState(name=n, model=e.model_name, aliases=tuple(getattr(e, "aliases", ())))
+            for n, e in self.engines.items()
+        ]
 
     def _prompt_ids(self, call: SemanticCall, engine: object) -> list[int]:
         ids = self._ids.get(call.id)
@@ -165,6 +171,8 @@ class Scheduler:
         for call, ready_at, seq in list(self.ready.values()):
             probe = CallInfo(call_id=call.id, objective="", seq=seq, model=call.model)
             cands = eligible(probe, states)
+            if not cands and eligible(probe, self._all_states()):
+                continue  # only restarting engines serve it: wait for one to come back
             if not cands:
                 self.ready.pop(call.id)
                 served = sorted({s.model for s in states})
@@ -242,6 +250,13 @@ class Scheduler:
             options.append((ad_hoc[0], None, False, ad_hoc[1]))
         for key, text, is_static, tokens in options:
             entry = self.prefixes.get(key, engine_name)
+            if (
+                entry is not None
+                and entry.ready.done()
+                and (entry.ready.cancelled() or entry.ready.exception() is not None)
+            ):
+                self.prefixes._drop(key, engine_name)  # its fill failed: build it again
+                entry = None
             if entry is None:
                 if tokens is None:
                     tokens = tuple(engine.tokenize(text, first=True)[:-1])

@@ -1,0 +1,30 @@
+"""The same actors on a Ray cluster (needs the `[ray]` extra: `pip install 'parrot_actors[ray]'`).
+
+Layout of a deployment, all in the Ray namespace `parrot_actors`:
+
+- one engine actor per engine (`EngineActor`, named `parrot_actors.engine.<name>`, owned by
+  the service actor), each in its own bundle of a placement group ({"CPU": n} or
+  {"GPU": 1}), restarted by Ray (`max_restarts`) when it dies;
+- the scheduler: a named, detached service actor (`ParrotService`, named
+  `parrot_actors.scheduler`) running the unchanged `Runtime` + `Scheduler` over local proxies
+  (`RayEngine`) of the engine actors;
+- clients: `pa.Runtime.ray(address)` (a `RayRuntime`) finds the service by name and submits
+  calls to it; `parrot_actors.ray.serve` puts the HTTP service in front of the engines.
+
+Nothing outside this package imports Ray, so the rest of parrot_actors works without it.
+"""
+
+from __future__ import annotations
+
+try:
+    import ray as _ray  # noqa: F401
+except ImportError as exc:  # the optional extra is missing: say how to get it
+    raise ImportError(
+        "parrot_actors.ray needs Ray: pip install 'parrot_actors[ray]' (ray[default])"
+    ) from exc
+
+from parrot_actors.ray.client import RayRuntime
+from parrot_actors.ray.cluster import ENGINE_PREFIX, NAMESPACE, SERVICE_NAME
+from parrot_actors.ray.deploy import shutdown_deployment
+
+__all__ = ["ENGINE_PREFIX", "NAMESPACE", "SERVICE_NAME", "RayRuntime", "shutdown_deployment"]

@@ -1,0 +1,125 @@
+"""The engine as a Ray actor: the unchanged `Engine` inside an async actor body.
+
+This module does not import Ray: `spawn.py` wraps `EngineActor` with `ray.remote`. Ray actors
+cannot have an async `__init__` (Ray docs, "AsyncIO / Concurrency for Actors"), so the engine is
+built on the first call; every method awaits it. A new `incarnation` id is drawn each time Ray
+(re)starts the actor, so proxies can tell that a restarted actor lost its contexts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+from parrot_actors.engines.engine import Engine, EngineConfig
+from parrot_actors.messages import (
+    LATENCY_PRIORITY,
+    SamplingParams,
+    TokenDelta,
+)
+from parrot_actors.ray.wire import EngineInfo, OpResult
+
+
+class EngineActor:
+    """Hosts one `Engine` built from `config`; the engine API, plus `info()` and `ping()`.
+    group: the id (hex) of the placement group it was placed in (for `shutdown_deployment`).
+
+    Operations answer an `OpResult`: the result with the incarnation and the engine's stats
+    after the operation (one round trip keeps the proxy's cached stats fresh). Errors are the
+    engine's own (`ContextNotFoundError`, `InvalidRequestError`, `CapacityError`,
+    `EngineError`); Ray wraps them in `RayTaskError` and the proxy unwraps them.
+    """
+
+    def __init__(self, config: EngineConfig, group: str = "") -> None:
+        self.config = config
+        self.group = group
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._engine: Engine | None = None
+        self._starting: asyncio.Task | None = None
+
+    async def _get(self) -> Engine:
+        if self._engine is None:
+            if self._starting is None:
+                self._starting = asyncio.ensure_future(Engine.start(self.config))
+            self._engine = await asyncio.shield(self._starting)
+        return self._engine
+
+    async def ping(self) -> str:
+        """The incarnation id, once the engine is built (seconds on first call: model load)."""
+        await self._get()
+        return self.incarnation
+
+    async def info(self) -> EngineInfo:
+        """Name, served model, aliases, incarnation and stats."""
+        engine = await self._get()
+        return EngineInfo(
+            name=engine.name,
+            model_name=engine.model_name,
+            aliases=tuple(engine.aliases),
+            incarnation=self.incarnation,
+            group=self.group,
+            stats=engine.stats(),
+        )
+
+    async def tokenizer(self) -> object:
+        """The engine's tokenizer object (pickled by Ray), so proxies tokenize locally without
+        the model files on their node."""
+        return (await self._get()).tokenizer
+
+    async def stats(self) -> OpResult:
+        """The current stats (the value is None)."""
+        engine = await self._get()
+        return OpResult(None, self.incarnation, engine.stats())
+
+    async def fill(
+        self,
+        context_id: str,
+        token_ids: list[int] | None = None,
+        text: str | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+    ) -> OpResult:
+        """`Engine.fill`; the value is a `FillResult`."""
+        engine = await self._get()
+        result = await engine.fill(context_id, token_ids, text, parent_context_id, priority)
+        return OpResult(result, self.incarnation, engine.stats())
+
+    async def generate(
+        self,
+        context_id: str,
+        sampling: SamplingParams | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+    ) -> OpResult:
+        """`Engine.generate` (whole result); the value is a `GenerateResult`."""
+        engine = await self._get()
+        result = await engine.generate(context_id, sampling, parent_context_id, priority)
+        return OpResult(result, self.incarnation, engine.stats())
+
+    async def generate_stream(
+        self,
+        context_id: str,
+        sampling: SamplingParams | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+    ) -> AsyncIterator[TokenDelta]:
+        """`Engine.generate(stream=True)`: one `TokenDelta` per token. Call it with
+        `num_returns="streaming"` (Ray generators); cancelling the generator ref stops it."""
+        engine = await self._get()
+        stream = await engine.generate(
+            context_id, sampling, parent_context_id, priority, stream=True
+        )
+        async for delta in stream:
+            yield delta
+
+    async def free_context(self, context_id: str) -> OpResult:
+        """`Engine.free_context`; the value is None."""
+        engine = await self._get()
+        await engine.free_context(context_id)
+        return OpResult(None, self.incarnation, engine.stats())
+
+    async def close(self) -> None:
+        """Stop the engine (its requests fail with `EngineError`)."""
+        if self._engine is not None:
+            await self._engine.close()

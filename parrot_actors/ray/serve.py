@@ -1,0 +1,125 @@
+"""`parrot-actors serve --ray ADDRESS`: the HTTP service in front of a Ray deployment.
+
+The server process runs the scheduler (the unchanged `SharedRuntime`, so token streaming and
+both APIs work as embedded) over `RayEngine` proxies of engine actors on the cluster: the
+actors of a running deployment when they exist (found by engine name), else new ones placed
+by the spawner (tied to this process unless `SpawnOptions.detached`).
+
+    from parrot_actors.ray.serve import run_ray
+    run_ray("auto", [EngineConfig(name="engine0"), ...], ServerConfig(port=9000))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Sequence
+
+from parrot_actors.engines.engine import EngineConfig
+from parrot_actors.errors import InvalidRequestError
+from parrot_actors.ray import cluster
+from parrot_actors.ray.proxy import RayEngine
+from parrot_actors.ray.spawn import SpawnOptions, spawn_engines
+from parrot_actors.scheduler.config import SchedulerConfig
+from parrot_actors.server.app import start_server
+from parrot_actors.server.config import ServerConfig
+from parrot_actors.server.service import SharedRuntime
+
+
+class RaySharedRuntime(SharedRuntime):
+    """A `SharedRuntime` whose engines are Ray engine actors (see the module docstring).
+
+    address: the Ray cluster ("auto", "HOST:PORT"). engines: `EngineConfig`s (their names
+    select existing actors). scheduler: `SchedulerConfig`. spawn: `SpawnOptions` for engines
+    it creates (default: not detached, so they end with this process). Raises
+    `InvalidRequestError` for engines that are not `EngineConfig`s (e.g. `--model echo`), and
+    what `spawn_engines` and `RayEngine.connect` raise.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        engines: Sequence[object],
+        scheduler: SchedulerConfig | None = None,
+        spawn: SpawnOptions | None = None,
+    ) -> None:
+        bad = [e for e in engines if not isinstance(e, EngineConfig)]
+        if bad or not engines:
+            raise InvalidRequestError(
+                f"serving on Ray needs model engines (EngineConfig), got {bad or 'none'}"
+            )
+        super().__init__(engines=[], scheduler=scheduler)
+        self.address = address
+        self.ray_configs = list(engines)
+        self.spawn = spawn or SpawnOptions()
+        self.proxies: list[RayEngine] = []
+        self._connected = False
+
+    async def start(self) -> None:
+        """Connect to the cluster, spawn or attach to the engines, start the scheduler."""
+        cluster.acquire(self.address)
+        self._connected = True
+        handles = await spawn_engines(self.ray_configs, self.spawn)
+        self.proxies = list(await asyncio.gather(*(RayEngine.connect(h) for h in handles)))
+        self.engine_specs = list(self.proxies)
+        await super().start()
+        for proxy in self.proxies:
+            proxy.add_listener(self._on_health)
+            proxy.start_monitor()
+
+    def _on_health(self, engine: RayEngine) -> None:
+        # A rejoined engine may take calls that are waiting in the queue right now.
+        if engine.healthy and self.scheduler is not None:
+            self.scheduler.dispatch()
+
+    async def close(self) -> None:
+        """Stop the scheduler and the proxies; disconnect (engines this process created end
+        with it unless detached)."""
+        try:
+            await super().close()
+            for proxy in self.proxies:
+                await proxy.close()
+        finally:
+            if self._connected:
+                self._connected = False
+                cluster.release()
+
+
+async def serve_ray(
+    address: str,
+    engines: Sequence[object],
+    config: ServerConfig,
+    scheduler: SchedulerConfig | None = None,
+    spawn: SpawnOptions | None = None,
+) -> None:
+    """Serve the HTTP API over the Ray engines until SIGINT/SIGTERM; prints
+    "parrot-actors serving on URL" once listening. Raises what `RaySharedRuntime.start` and
+    `start_server` raise (`OSError` for a taken port)."""
+    runtime = RaySharedRuntime(address, engines, scheduler, spawn)
+    await runtime.start()
+    try:
+        server = await start_server(config=config, runtime=runtime)
+        print(f"parrot-actors serving on {server.url} (engines on Ray)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.close()
+    finally:
+        await runtime.close()
+
+
+def run_ray(
+    address: str,
+    engines: Sequence[object],
+    config: ServerConfig,
+    scheduler: SchedulerConfig | None = None,
+    spawn: SpawnOptions | None = None,
+) -> None:
+    """Blocking entry point of `parrot-actors serve --ray ADDRESS` (see `serve_ray`)."""
+    asyncio.run(serve_ray(address, engines, config, scheduler, spawn))

@@ -1,0 +1,170 @@
+"""Chain summary (Parrot §8.2, Fig. 11 and 12): summarize a long arXiv paper chunk by chunk,
+each step reading the running summary.
+
+Parrot submits the whole chain at once (the service starts step k+1 the moment step k's output
+resolves, at latency priority because the app awaits the last summary with `pa.LATENCY`) and
+pays one network round trip per chain. The baseline sends step k+1 only after step k's answer
+came back, paying a round trip per step. Fig. 12a: `--background W` adds W closed-loop streams
+of other clients' requests (throughput work: Parrot API with `pa.THROUGHPUT` in Parrot mode,
+plain OpenAI completions in the baseline). Fig. 12b: `--chains N` runs N chains at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import parrot_actors as pa
+from scenarios import workloads
+from scenarios.context import RunContext
+from scenarios.functions import make_function, max_tokens_of, render
+
+NAME = "chain_summary"
+FIGURE = "Fig. 11/12"
+INITIAL = "(nothing yet)"
+SMALLEST = [
+    "--chains",
+    "1",
+    "--chunks",
+    "2",
+    "--chunk-tokens",
+    "24",
+    "--output-tokens",
+    "4",
+    "--background",
+    "1",
+    "--background-output",
+    "4",
+    "--background-warmup",
+    "0",
+]
+"""Flags of the smallest size (CI)."""
+BASELINE_TUNINGS = ["same"]
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Scenario flags (sizes in tokens)."""
+    p.add_argument("--chains", type=int, default=1, help="concurrent chains (Fig. 12b)")
+    p.add_argument("--chunks", type=int, default=4, help="chunks (steps) per chain")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="tokens per chunk")
+    p.add_argument("--output-tokens", type=int, default=24, help="summary tokens per step")
+    p.add_argument("--background", type=int, default=0, help="background request streams")
+    p.add_argument("--background-prompt", type=int, default=64, help="background prompt tokens")
+    p.add_argument("--background-output", type=int, default=32, help="background output tokens")
+    p.add_argument(
+        "--background-warmup", type=float, default=3.0, help="seconds of load before the chains"
+    )
+
+
+def num_apps(args: argparse.Namespace) -> int:
+    """Apps the progress bar counts: the chains."""
+    return args.chains
+
+
+def step_function(args: argparse.Namespace) -> object:
+    """One chain step: the running summary and the next chunk in, a refined summary out."""
+    return make_function(
+        "chain_step",
+        "Here is a summary of a document so far: {{summary}}\n"
+        "Refine the summary with the next part of the document.\n"
+        "Next part: {{chunk}}\nRefined summary: {{out}}",
+        ["summary", "chunk"],
+        [],
+        args.output_tokens,
+    )
+
+
+def background_function(args: argparse.Namespace) -> object:
+    """A background request: continue a piece of text."""
+    return make_function(
+        "background",
+        "Continue this text with a detailed paragraph.\nText: {{text}}\nParagraph: {{out}}",
+        ["text"],
+        [],
+        args.background_output,
+    )
+
+
+def _parts(ctx: RunContext, args: argparse.Namespace, chain: int) -> list[str]:
+    return workloads.chunks(ctx.tokenizer, workloads.article(chain), args.chunks, args.chunk_tokens)
+
+
+async def background_load(ctx: RunContext, args: argparse.Namespace) -> asyncio.Task | None:
+    """Start `args.background` closed-loop streams of background requests (each sends its next
+    request when the last one returned, one round trip each) and return their task, after
+    `args.background_warmup` seconds so the engine is loaded when the measured apps start."""
+    if args.background <= 0:
+        return None
+    fn = background_function(args)
+    texts = workloads.chunks(ctx.tokenizer, workloads.article(7), 64, args.background_prompt)
+
+    async def stream(w: int) -> None:
+        i = 0
+        while True:
+            text = texts[(w * 7 + i) % len(texts)]
+            arrival = ctx.now()
+            if ctx.parrot:
+                await ctx.network()
+                out = await fn(text=pa.Variable(text)).get(perf=pa.THROUGHPUT)
+            else:
+                out = await ctx.complete(
+                    render(fn, text=text), max_tokens_of(fn), "background", 10_000 + w
+                )
+            ctx.finish(10_000 + w * 1000 + i, "background", arrival, [out], 1, progress=False)
+            i += 1
+
+    task = asyncio.ensure_future(asyncio.gather(*(stream(w) for w in range(args.background))))
+    await asyncio.sleep(args.background_warmup)
+    return task
+
+
+async def stop_background(task: asyncio.Task | None) -> None:
+    """Cancel the background streams (their unfinished requests are dropped)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+async def run_parrot(ctx: RunContext, args: argparse.Namespace) -> None:
+    """Parrot: every chain submitted whole; one round trip per chain."""
+    fn = step_function(args)
+    bg = await background_load(ctx, args)
+
+    async def chain(c: int) -> None:
+        arrival = ctx.now()
+        summary = pa.Variable(INITIAL)
+        steps = []
+        for part in _parts(ctx, args, c):
+            summary = fn(summary=summary, chunk=pa.Variable(part))
+            steps.append(summary)
+        final = await summary.get(perf=pa.LATENCY)
+        await ctx.network()
+        for i, s in enumerate(steps):
+            ctx.keep(f"chain{c}/step{i}", s.value())
+        ctx.finish(c, "chain", arrival, [final], len(steps))
+
+    await asyncio.gather(*(chain(c) for c in range(args.chains)))
+    await stop_background(bg)
+
+
+async def run_baseline(ctx: RunContext, args: argparse.Namespace) -> None:
+    """Baseline: each step is sent after the previous answer came back."""
+    fn = step_function(args)
+    bg = await background_load(ctx, args)
+
+    async def chain(c: int) -> None:
+        arrival = ctx.now()
+        summary = INITIAL
+        parts = _parts(ctx, args, c)
+        for i, part in enumerate(parts):
+            prompt = render(fn, summary=summary, chunk=part)
+            summary = await ctx.complete(prompt, max_tokens_of(fn), "chain_step", c)
+            ctx.keep(f"chain{c}/step{i}", summary)
+        ctx.finish(c, "chain", arrival, [summary], len(parts))
+
+    await asyncio.gather(*(chain(c) for c in range(args.chains)))
+    await stop_background(bg)

@@ -1,0 +1,116 @@
+"""Command line: `python -m scenarios bench SCENARIO [--mode parrot|baseline|both] [--url URL]
+[flags]`, `python -m scenarios list`, `python -m scenarios report` (also `parrot-actors bench`).
+
+`bench` replays the scenario in each mode in this process (a fresh in-process service per mode
+on 127.0.0.1, or the service at --url), shows progress, prints a table, and writes
+OUT/SCENARIO.json (every app's and call's timings, every output) and OUT/SCENARIO.png.
+Defaults finish in minutes on a 2-core CPU with the embedded SmolLM2-135M-Instruct; the size
+flags reach the paper's sizes on a GPU (`--device cuda`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scenarios import SCENARIO_NAMES, load
+
+ENGINE_DEFAULTS = {"chain_summary": {"max_running": 8}}
+"""Per-scenario engine defaults. Chain summary: both modes' engine runs 8 sequences at most,
+so background load queues (Fig. 12a's setting: the chain competes for batch slots)."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["parrot", "baseline", "both"], default="both")
+    p.add_argument("--url", help="use the service at URL instead of in-process ones")
+    p.add_argument("--model", default="default", help="model folder ('default': SmolLM2)")
+    p.add_argument("--tiny", action="store_true", help="tiny random-weight model (tests)")
+    p.add_argument("--device", default="cpu", help="engine device: cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", help="engine dtype (bfloat16 on a GPU)")
+    p.add_argument("--engines", type=int, default=1, help="engines per service")
+    p.add_argument("--max-running", type=int, default=64, help="engine: sequences per step")
+    p.add_argument("--max-batch-tokens", type=int, default=2048, help="engine: tokens per step")
+    p.add_argument("--kv-cache-mb", type=float, default=2048.0, help="engine: KV cache MiB")
+    p.add_argument("--timeout", type=float, default=1800.0, help="limit of one mode's run (s)")
+    p.add_argument("--throughput-cap", type=int, default=64, help="Parrot: throughput calls/engine")
+    p.add_argument(
+        "--baseline-tuning",
+        action="append",
+        choices=["same", "latency", "throughput"],
+        help="baseline engine: Parrot's settings, latency- or throughput-tuned (repeatable)",
+    )
+    p.add_argument("--baseline-apc", action="store_true", help="baseline prefix caching on")
+    p.add_argument("--rtt", type=float, default=0.25, help="network round trip (s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals and data picks")
+    p.add_argument("--out", default="out/bench", help="folder for SCENARIO.json / .png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--strict", action="store_true", help="exit 1 if modes' outputs differ")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m scenarios`."""
+    ap = argparse.ArgumentParser(
+        prog="python -m scenarios",
+        description="The Parrot paper's workloads, against Parrot and the request-level baseline.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="replay one scenario in both modes")
+    scen = bench.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    for name in SCENARIO_NAMES:
+        mod = load(name)
+        sp = scen.add_parser(name, help=f"{mod.FIGURE}: {mod.__doc__.splitlines()[0]}")
+        _common(sp)
+        mod.add_args(sp)
+        sp.set_defaults(
+            **{k.replace("-", "_"): v for k, v in ENGINE_DEFAULTS.get(name, {}).items()}
+        )
+    sub.add_parser("list", help="list the scenarios and their figures")
+    rep = sub.add_parser("report", help="run the measured set and write docs/results.md")
+    rep.add_argument("--only", nargs="*", help="run only these entries (names)")
+    rep.add_argument("--docs", default="docs", help="docs folder")
+    rep.add_argument(
+        "--render-only", action="store_true", help="rewrite results.md from the saved JSONs"
+    )
+    return ap
+
+
+def bench(args: argparse.Namespace, argv: list[str]) -> tuple[list, dict]:
+    """Run `args.scenario` in the modes asked for; print the table; write JSON and PNG.
+    Returns (mode results, JSON body)."""
+    from scenarios import output
+    from scenarios.harness import mode_specs, run_mode
+
+    mod = load(args.scenario)
+    tunings = args.baseline_tuning or mod.BASELINE_TUNINGS
+    results = [run_mode(s, mod, args, not args.no_progress) for s in mode_specs(args, tunings)]
+    output.print_table(args.scenario, results, sys.stdout)
+    body = output.report_dict(args.scenario, argv, results)
+    out = Path(args.out)
+    output.write_json(out / f"{args.scenario}.json", body)
+    output.plot(out / f"{args.scenario}.png", f"{args.scenario} ({mod.FIGURE})", results)
+    print(f"wrote {out / (args.scenario + '.json')} and {out / (args.scenario + '.png')}")
+    return results, body
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok; 1 with --strict when the modes' greedy
+    outputs differ; 2 for bad arguments, as argparse exits)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.command == "list":
+        for name in SCENARIO_NAMES:
+            mod = load(name)
+            print(f"{name:<20} {mod.FIGURE:<11} {mod.__doc__.splitlines()[0]}")
+        return 0
+    if args.command == "report":
+        from scenarios.report import render, run_report
+
+        if args.render_only:
+            (Path(args.docs) / "results.md").write_text(render(Path(args.docs)))
+            return 0
+        return run_report(Path(args.docs), args.only)
+    _, body = bench(args, argv)
+    if args.strict and body["outputs_differ"]:
+        return 1
+    return 0

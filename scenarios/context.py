@@ -1,0 +1,132 @@
+"""The per-mode context a scenario runs in: clock, records, progress, and the two clients.
+
+Parrot mode uses `pa.Runtime.connect(url)` (semantic functions; the service runs dependent
+calls itself). The baseline uses `openai.AsyncOpenAI` completions against the same service's
+OpenAI-compatible endpoint, the way a LangChain-style app does: send a request, await its
+answer, send the next, paying a simulated network round trip per request (Parrot §8: 250 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from scenarios.records import AppRecord, CallRecord
+
+
+@dataclass
+class RunContext:
+    """One mode's run. mode: "parrot" or "baseline". rtt_s: simulated network round trip
+    (seconds) paid per request by the baseline and once per app by Parrot. model: the served
+    model name (OpenAI `model`). tokenizer: the served model's, for token counts and
+    truncation. bar: a tqdm progress bar over apps (or None)."""
+
+    mode: str
+    url: str
+    rtt_s: float
+    seed: int
+    model: str
+    tokenizer: object
+    bar: object | None = None
+    openai: object | None = None
+    apps: list[AppRecord] = field(default_factory=list)
+    calls: list[CallRecord] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    round_trips: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def parrot(self) -> bool:
+        """True in Parrot mode."""
+        return self.mode == "parrot"
+
+    def now(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self.t0
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` (the served model's tokenizer, no special tokens)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def until(self, t: float) -> None:
+        """Sleep until `t` seconds after the start (arrival times)."""
+        delay = t - self.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def network(self) -> None:
+        """One simulated network round trip (`rtt_s` seconds)."""
+        self.round_trips += 1
+        if self.rtt_s > 0:
+            await asyncio.sleep(self.rtt_s)
+
+    def finish(
+        self,
+        app: int,
+        kind: str,
+        arrival: float,
+        outputs: list[str],
+        calls: int,
+        progress: bool = True,
+    ) -> None:
+        """Record app `app` of class `kind` (due at `arrival` s) as done now, with its final
+        outputs and number of LLM calls; `progress` advances the progress bar."""
+        self.apps.append(
+            AppRecord(
+                app=app,
+                kind=kind,
+                arrival_s=arrival,
+                e2e_s=self.now() - arrival,
+                output_tokens=sum(self.count(o) for o in outputs),
+                calls=calls,
+            )
+        )
+        if progress and self.bar is not None:
+            self.bar.update(1)
+
+    def keep(self, key: str, text: str) -> None:
+        """Remember call output `text` under `key` (the same key in both modes). Raises
+        `KeyError` if the key is used twice (a scenario bug that would hide a comparison)."""
+        if key in self.outputs:
+            raise KeyError(f"output key {key!r} recorded twice")
+        self.outputs[key] = text
+
+    async def complete(self, prompt: str, max_tokens: int, name: str, app: int) -> str:
+        """Baseline: one OpenAI completion of `prompt` (greedy, `max_tokens` tokens at most),
+        streamed to time its first token, after one network round trip. Records a
+        `CallRecord` and returns the text. Raises the `openai` client's errors."""
+        await self.network()
+        start = self.now()
+        stream = await self.openai.completions.create(
+            model=self.model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        first = None
+        parts: list[str] = []
+        usage = None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                first = self.now() if first is None else first
+                parts.append(chunk.choices[0].text)
+            if chunk.usage is not None:
+                usage = chunk.usage
+        end = self.now()
+        n_out = usage.completion_tokens if usage else 0
+        ttft = (first if first is not None else end) - start
+        self.calls.append(
+            CallRecord(
+                name=name,
+                app=app,
+                ttft_s=ttft,
+                e2e_s=end - start,
+                tpot_s=(end - start - ttft) / (n_out - 1) if n_out > 1 else 0.0,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=n_out,
+            )
+        )
+        return "".join(parts)

@@ -1,0 +1,217 @@
+"""Running one scenario in one mode: an in-process service, the clients, the counters.
+
+Each mode gets a fresh service (`BackgroundServer`: its own event loop in a thread, listening
+on a free 127.0.0.1 port) over the same model, so neither mode inherits the other's caches.
+Parrot: `pa.SchedulerConfig()` (the application-centric policy, prefix sharing). Baseline:
+`pa.SchedulerConfig(policy="fcfs", prefix_sharing=False, automatic_prefix_caching=...)` and the
+OpenAI-compatible endpoint. With `--url` both modes use that running service instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from types import ModuleType
+
+import msgspec
+import openai
+
+import parrot_actors as pa
+from parrot_actors.engines.engine import EngineConfig
+from parrot_actors.server import BackgroundServer, ServerConfig
+from scenarios.context import RunContext
+from scenarios.records import CallRecord, ModeResult, TokenStats
+
+TINY_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,
+    "max_position_embeddings": 2048,
+}
+"""A 2-layer random-weight Llama on the real tokenizer (CI: fast, deterministic greedy text)."""
+
+LATENCY_TUNED = {"max_running": 2, "max_batch_tokens": 512}
+"""Engine settings of the latency-tuned baseline: small batches (Parrot §8.4: the
+latency-centric vLLM configuration, scaled to this engine)."""
+THROUGHPUT_TUNED = {"max_running": 64, "max_batch_tokens": 4096}
+"""Engine settings of the throughput-tuned baseline: large batches and prefill chunks."""
+
+
+@dataclass
+class ModeSpec:
+    """One mode to run: label (table column), mode ("parrot" | "baseline"), engine configs
+    and scheduler config of its service."""
+
+    label: str
+    mode: str
+    engines: list[EngineConfig]
+    scheduler: pa.SchedulerConfig
+
+
+def engine_configs(args: argparse.Namespace, tuning: dict | None = None) -> list[EngineConfig]:
+    """`args.engines` engine configs: the tiny random model with `--tiny`, else `--model`;
+    `--max-running` / `--max-batch-tokens` unless `tuning` overrides them."""
+    kw: dict = {
+        "max_running": args.max_running,
+        "max_batch_tokens": args.max_batch_tokens,
+        "kv_cache_bytes": int(args.kv_cache_mb * (1 << 20)),
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    kw.update(tuning or {})
+    if args.tiny:
+        kw["random_model"] = dict(TINY_MODEL)
+    else:
+        kw["model"] = args.model
+    return [EngineConfig(name=f"engine{i}", **kw) for i in range(max(1, args.engines))]
+
+
+def mode_specs(args: argparse.Namespace, tunings: list[str]) -> list[ModeSpec]:
+    """The modes `args.mode` asks for: Parrot, and one baseline per tuning in `tunings`
+    ("same": Parrot's engine settings; "latency" / "throughput": `LATENCY_TUNED` /
+    `THROUGHPUT_TUNED`)."""
+    specs = []
+    if args.mode in ("parrot", "both"):
+        parrot = pa.SchedulerConfig(throughput_cap=args.throughput_cap)
+        specs.append(ModeSpec("parrot", "parrot", engine_configs(args), parrot))
+    if args.mode in ("baseline", "both"):
+        base = pa.SchedulerConfig(
+            policy="fcfs", prefix_sharing=False, automatic_prefix_caching=args.baseline_apc
+        )
+        for t in tunings:
+            tuning = {"latency": LATENCY_TUNED, "throughput": THROUGHPUT_TUNED}.get(t)
+            label = "baseline" if t == "same" else f"baseline-{t}"
+            specs.append(ModeSpec(label, "baseline", engine_configs(args, tuning), base))
+    return specs
+
+
+def run_mode(
+    spec: ModeSpec, scenario: ModuleType, args: argparse.Namespace, progress: bool = True
+) -> ModeResult:
+    """Run `scenario` once in `spec`'s mode (its own service unless `args.url`) and return
+    what it measured. Raises what the scenario raises (e.g. `pa.CallError`, `openai` errors)
+    and `TimeoutError` when the run takes longer than `args.timeout` seconds."""
+    if args.url:
+        return asyncio.run(_drive(spec, scenario, args, args.url, None, progress))
+    server = BackgroundServer(
+        spec.engines,
+        ServerConfig(port=0, max_pending_calls=100_000, default_get_timeout_s=3600.0),
+        spec.scheduler,
+        start_timeout_s=600.0,
+    ).start()
+    try:
+        return asyncio.run(_drive(spec, scenario, args, server.url, server, progress))
+    finally:
+        server.stop()
+
+
+async def _call_stats(server: BackgroundServer) -> list:
+    async def read() -> list:
+        return server.runtime.call_stats()
+
+    return await asyncio.wrap_future(
+        asyncio.run_coroutine_threadsafe(read(), server.loop), loop=asyncio.get_running_loop()
+    )
+
+
+def _tokens(before: object, after: object) -> TokenStats:
+    steps = sum(e.steps for e in after.engines.values()) - sum(
+        e.steps for e in before.engines.values()
+    )
+    pre = sum(e.preemptions for e in after.engines.values()) - sum(
+        e.preemptions for e in before.engines.values()
+    )
+    return TokenStats(
+        prefill_tokens=after.prefill_tokens - before.prefill_tokens,
+        reused_tokens=after.reused_tokens - before.reused_tokens,
+        generated_tokens=after.generated_tokens - before.generated_tokens,
+        steps=steps,
+        preemptions=pre,
+    )
+
+
+def _parrot_call(s: object) -> CallRecord:
+    # CallStats.ttft_s runs to the end of the first output; minus its decode time it is the
+    # time to the first token, measured from dispatch (queue_s covers ready -> dispatch).
+    first = max(0.0, s.ttft_s - s.decode_s)
+    n = s.completion_tokens
+    return CallRecord(
+        name=s.function,
+        queue_s=s.queue_s,
+        ttft_s=s.queue_s + first,
+        e2e_s=s.e2e_s,
+        tpot_s=s.decode_s / (n - 1) if n > 1 else 0.0,
+        prompt_tokens=s.prompt_tokens,
+        completion_tokens=n,
+    )
+
+
+async def _drive(
+    spec: ModeSpec,
+    scenario: ModuleType,
+    args: argparse.Namespace,
+    url: str,
+    server: BackgroundServer | None,
+    progress: bool,
+) -> ModeResult:
+    from tqdm import tqdm
+
+    from parrot_actors.engines.model_loader import load_tokenizer
+
+    client = openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600.0
+    )
+    models = await client.models.list()
+    model = models.data[0].id
+    if server is not None:
+        tokenizer = server.runtime.engines[0].tokenizer
+    else:
+        tokenizer = load_tokenizer("default" if args.tiny else args.model)
+    # One short request first: the first forward pass of a fresh engine pays one-off costs.
+    await client.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0)
+    bar = tqdm(
+        total=scenario.num_apps(args), desc=f"{scenario.NAME} [{spec.label}]", disable=not progress
+    )
+    ctx = RunContext(
+        mode=spec.mode, url=url, rtt_s=args.rtt, seed=args.seed, model=model, tokenizer=tokenizer
+    )
+    ctx.bar, ctx.openai = bar, client
+    async with pa.Runtime.connect(url, max_connections=512, get_timeout_s=3600.0) as rt:
+        before = await rt.stats()
+        load0 = os.getloadavg()[0]
+        ctx.t0 = time.perf_counter()
+        run = scenario.run_parrot if ctx.parrot else scenario.run_baseline
+        try:
+            await asyncio.wait_for(run(ctx, args), args.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{scenario.NAME} [{spec.label}] did not finish within --timeout "
+                f"{args.timeout:g} s ({len(ctx.apps)} apps done)"
+            ) from None
+        wall = ctx.now()
+        after = await rt.stats()
+    bar.close()
+    await client.close()
+    calls = ctx.calls
+    if ctx.parrot and server is not None:
+        calls = [_parrot_call(s) for s in await _call_stats(server)]
+    engine = msgspec.to_builtins(spec.engines[0])
+    engine.pop("random_model", None)
+    return ModeResult(
+        label=spec.label,
+        engine=engine | {"count": len(spec.engines)},
+        scheduler=msgspec.to_builtins(spec.scheduler),
+        wall_s=wall,
+        round_trips=ctx.round_trips,
+        apps=sorted(ctx.apps, key=lambda a: a.app),
+        calls=calls,
+        tokens=_tokens(before, after),
+        outputs=dict(sorted(ctx.outputs.items())),
+        load=(load0, os.getloadavg()[0]),
+    )

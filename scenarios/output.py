@@ -1,0 +1,152 @@
+"""What a bench run leaves: a table on stdout, a JSON of every request's timings, a PNG plot."""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+from typing import TextIO
+
+import msgspec
+
+from scenarios.metrics import compare_outputs, kinds, speedups, summarize
+from scenarios.records import ModeResult
+
+_ROWS = [
+    ("apps", "apps", "{:.0f}"),
+    ("e2e mean (s)", "mean_s", "{:.2f}"),
+    ("e2e p50 (s)", "p50_s", "{:.2f}"),
+    ("e2e p90 (s)", "p90_s", "{:.2f}"),
+    ("e2e p99 (s)", "p99_s", "{:.2f}"),
+    ("normalized (s/token)", "norm_s_per_token", "{:.3f}"),
+    ("throughput (tok/s)", "throughput_tok_s", "{:.1f}"),
+    ("TTFT mean (s)", "ttft_mean_s", "{:.2f}"),
+    ("TTFT p99 (s)", "ttft_p99_s", "{:.2f}"),
+    ("TPOT mean (s)", "tpot_mean_s", "{:.3f}"),
+    ("prefill computed (tok)", "prefill_tokens", "{:.0f}"),
+    ("prefill reused (tok)", "reused_tokens", "{:.0f}"),
+    ("generated (tok)", "generated_tokens", "{:.0f}"),
+]
+
+
+def machine() -> str:
+    """A one-line description of this machine (CPU, cores, Python, torch)."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def _fmt(fmt: str, v: float) -> str:
+    return "-" if isinstance(v, float) and math.isnan(v) else fmt.format(v)
+
+
+def print_table(name: str, results: list[ModeResult], out: TextIO) -> None:
+    """The metrics of every mode side by side, per app kind, with baseline/Parrot speedups."""
+    labels = [r.label for r in results]
+    width = max(24, *(len(x) + 2 for x in labels))
+    for kind in kinds(results):
+        out.write(f"\n{name} — apps: {kind}\n")
+        out.write(f"{'':<24}" + "".join(f"{x:>{width}}" for x in labels) + "\n")
+        sums = [summarize(r, kind) for r in results]
+        for title, field, fmt in _ROWS:
+            cells = "".join(f"{_fmt(fmt, getattr(s, field)):>{width}}" for s in sums)
+            out.write(f"{title:<24}{cells}\n")
+        for metric, title in (
+            ("mean_s", "speedup (mean e2e)"),
+            ("norm_s_per_token", "speedup (normalized)"),
+        ):
+            sp = speedups(results, kind, metric)
+            if sp:
+                cells = "".join(
+                    f"{'1.00x' if x == 'parrot' else _fmt('{:.2f}x', sp[x]):>{width}}"
+                    for x in labels
+                )
+                out.write(f"{title:<24}{cells}\n")
+    compared, bad = compare_outputs(results)
+    if compared:
+        verdict = "identical" if not bad else f"{len(bad)} differ: {bad[:5]}"
+        out.write(f"\ngreedy outputs of {compared} calls across modes: {verdict}\n")
+
+
+def report_dict(name: str, argv: list[str], results: list[ModeResult]) -> dict:
+    """The JSON body: scenario, flags, machine, each mode's records and summaries, speedups,
+    and the output comparison."""
+    compared, bad = compare_outputs(results)
+    return {
+        "scenario": name,
+        "argv": argv,
+        "machine": machine(),
+        "modes": {
+            r.label: {
+                "result": msgspec.to_builtins(r),
+                "summary": {k: msgspec.to_builtins(summarize(r, k)) for k in kinds(results)},
+            }
+            for r in results
+        },
+        "speedup": {
+            k: {m: speedups(results, k, m) for m in ("mean_s", "norm_s_per_token")}
+            for k in kinds(results)
+        },
+        "outputs_compared": compared,
+        "outputs_differ": bad,
+    }
+
+
+def write_json(path: Path, body: dict) -> None:
+    """Write `body` as indented JSON (NaN as null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(_nan_free(body)), indent=1))
+
+
+def _nan_free(x: object) -> object:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_free(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_free(v) for v in x]
+    return x
+
+
+def plot(path: Path, name: str, results: list[ModeResult]) -> None:
+    """A PNG: mean and p90 end-to-end latency per mode and app kind (bars), and every LLM
+    call's latency sorted (one line per mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = kinds(results)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    w = 0.8 / max(1, len(results))
+    for i, r in enumerate(results):
+        sums = [summarize(r, k) for k in ks]
+        xs = [j + i * w for j in range(len(ks))]
+        ax1.bar(xs, [s.mean_s for s in sums], w, label=f"{r.label} mean")
+        ax1.scatter(xs, [s.p90_s for s in sums], marker="_", s=200, color="black")
+        lat = sorted(c.e2e_s for c in r.calls)
+        ax2.plot(range(1, len(lat) + 1), lat, marker=".", label=r.label)
+    ax1.set_xticks([j + w * (len(results) - 1) / 2 for j in range(len(ks))], ks)
+    ax1.set_ylabel("end-to-end latency (s); bar: mean, tick: p90")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("LLM calls, sorted by latency")
+    ax2.set_ylabel("call latency (s): baseline send->done, Parrot ready->done")
+    ax2.legend(fontsize=8)
+    fig.suptitle(name)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,284 @@
+"""`python -m scenarios report`: run the measured set and regenerate docs/results.md.
+
+Each entry is one `bench` run with fixed flags (sizes shrunk to finish in minutes on a 2-core
+CPU with the real model). Its JSON and PNG go to docs/results/ENTRY/; results.md is rebuilt
+from every entry's JSON present, so `--only NAME` re-measures one entry and keeps the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from scenarios.report_text import NOTES, PREAMBLE
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One measured configuration. figure: the paper's figure; flags: the bench flags;
+    paper: the ratio the paper reports for it (its own hardware and baselines); kind and
+    metric: the app kind and `Summary` field whose baseline/Parrot ratio is "ours"; baseline:
+    the baseline label of that ratio; target: the ratio this project must reach (None: none)."""
+
+    name: str
+    scenario: str
+    figure: str
+    flags: tuple[str, ...]
+    paper: str
+    kind: str
+    metric: str
+    baseline: str
+    target: float | None = None
+
+
+ENTRIES = (
+    Entry(
+        "chain",
+        "chain_summary",
+        "Fig. 11",
+        ("--chunks", "4", "--chunk-tokens", "128", "--output-tokens", "24"),
+        "up to 1.38x (vs vLLM)",
+        "chain",
+        "mean_s",
+        "baseline",
+    ),
+    Entry(
+        "chain-background",
+        "chain_summary",
+        "Fig. 12a",
+        ("--chunks", "4", "--chunk-tokens", "128", "--output-tokens", "24", "--background", "24"),
+        "up to 2.38x",
+        "chain",
+        "mean_s",
+        "baseline",
+        1.5,
+    ),
+    Entry(
+        "chain-background-light",
+        "chain_summary",
+        "Fig. 12a",
+        ("--chunks", "4", "--chunk-tokens", "128", "--output-tokens", "24", "--background", "12"),
+        "-",
+        "chain",
+        "mean_s",
+        "baseline",
+    ),
+    Entry(
+        "chain-multi",
+        "chain_summary",
+        "Fig. 12b",
+        ("--chains", "4", "--chunks", "3", "--chunk-tokens", "96", "--output-tokens", "24"),
+        "up to 1.68x",
+        "chain",
+        "mean_s",
+        "baseline",
+    ),
+    Entry(
+        "map-reduce",
+        "map_reduce_summary",
+        "Fig. 13",
+        (
+            "--chunks",
+            "16",
+            "--chunk-tokens",
+            "64",
+            "--output-tokens",
+            "48",
+            "--reduce-tokens",
+            "48",
+        ),
+        "up to 2.37x",
+        "map-reduce",
+        "mean_s",
+        "baseline",
+        2.0,
+    ),
+    Entry(
+        "shared-prompt",
+        "shared_prompt",
+        "Fig. 14",
+        (
+            "--batch",
+            "16",
+            "--system-tokens",
+            "1500",
+            "--query-tokens",
+            "32",
+            "--output-tokens",
+            "24",
+        ),
+        "1.8x-2.4x (vs vLLM w/o sharing)",
+        "user",
+        "mean_s",
+        "baseline",
+        4.0,
+    ),
+    Entry(
+        "gpts",
+        "gpts",
+        "Fig. 16",
+        ("--requests", "40", "--rate", "1.5"),
+        "12x higher sustainable rate",
+        "all",
+        "norm_s_per_token",
+        "baseline",
+    ),
+    Entry(
+        "multi-agent",
+        "multi_agent",
+        "Fig. 17",
+        ("--files", "8", "--design-tokens", "2783"),
+        "up to 11.7x (vs latency-centric)",
+        "workflow",
+        "mean_s",
+        "baseline-latency",
+        5.0,
+    ),
+    Entry(
+        "multi-agent-short",
+        "multi_agent",
+        "Fig. 17",
+        ("--files", "8", "--design-tokens", "1500"),
+        "-",
+        "workflow",
+        "mean_s",
+        "baseline-latency",
+    ),
+    Entry(
+        "mixed",
+        "mixed",
+        "Fig. 18",
+        ("--chats", "12", "--chat-rate", "0.3", "--jobs", "2"),
+        "chat 5.5x (vs throughput-tuned), JCT 3.7x (vs latency-tuned)",
+        "chat",
+        "norm_s_per_token",
+        "baseline-throughput",
+    ),
+)
+"""The measured set, in the order of the paper's figures."""
+
+
+def run_report(docs: Path, only: list[str] | None = None) -> int:
+    """Run the entries (all, or those named in `only`), each in its own process (a fresh
+    interpreter per entry keeps one entry's memory from the next), then rewrite
+    docs/results.md from every entry's JSON. Returns 0, 2 for an unknown entry name, or the
+    exit status of the first entry that failed."""
+    names = {e.name for e in ENTRIES}
+    unknown = sorted(set(only or ()) - names)
+    if unknown:
+        print(f"unknown entries {unknown}; entries: {sorted(names)}")
+        return 2
+    for e in ENTRIES:
+        if only and e.name not in only:
+            continue
+        print(f"== {e.name} ({e.figure})", flush=True)
+        argv = ["bench", e.scenario, *e.flags, "--out", str(docs / "results" / e.name)]
+        status = subprocess.run([sys.executable, "-m", "scenarios", *argv]).returncode
+        if status:
+            return status
+    (docs / "results.md").write_text(render(docs))
+    print(f"wrote {docs / 'results.md'}")
+    return 0
+
+
+def _ratio(body: dict, e: Entry) -> float:
+    v = body["speedup"].get(e.kind, {}).get(e.metric, {}).get(e.baseline)
+    return math.nan if v is None else v
+
+
+def _cell(x: object, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _mode_table(body: dict) -> list[str]:
+    from scenarios.output import _ROWS
+
+    lines = []
+    labels = list(body["modes"])
+    kinds = list(next(iter(body["modes"].values()))["summary"])
+    for kind in kinds:
+        lines += [f"Apps: **{kind}**", "", "| | " + " | ".join(labels) + " |"]
+        lines.append("|---" * (len(labels) + 1) + "|")
+        for title, field, fmt in _ROWS:
+            cells = [_cell(body["modes"][x]["summary"][kind][field], fmt) for x in labels]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        for metric, title in (
+            ("mean_s", "speedup, mean e2e"),
+            ("norm_s_per_token", "speedup, normalized"),
+        ):
+            sp = body["speedup"][kind][metric]
+            cells = ["1.00x" if x == "parrot" else _cell(sp.get(x), "{:.2f}x") for x in labels]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _profile(body: dict) -> list[str]:
+    lines = [
+        "| mode | wall (s) | round trips | calls | prefill computed | reused | generated |"
+        " engine steps | preemptions | engine |",
+        "|---" * 10 + "|",
+    ]
+    for label, m in body["modes"].items():
+        r = m["result"]
+        t = r["tokens"]
+        eng = r["engine"]
+        lines.append(
+            f"| {label} | {r['wall_s']:.1f} | {r['round_trips']} | {len(r['calls'])} | "
+            f"{t['prefill_tokens']} | {t['reused_tokens']} | {t['generated_tokens']} | "
+            f"{t['steps']} | {t['preemptions']} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} | "
+            f"max_running={eng['max_running']}, "
+            f"max_batch_tokens={eng['max_batch_tokens']}, x{eng['count']} |"
+        )
+    return lines
+
+
+def render(docs: Path) -> str:
+    """results.md from the JSONs under docs/results/."""
+    bodies: dict[str, dict] = {}
+    for e in ENTRIES:
+        path = docs / "results" / e.name / f"{e.scenario}.json"
+        if path.exists():
+            bodies[e.name] = json.loads(path.read_text())
+    machine = next((b["machine"] for b in bodies.values()), "-")
+    out = [PREAMBLE.format(machine=machine), "", "## Summary", ""]
+    out += [
+        "| figure | entry | sizes (flags) | paper | ours | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in ENTRIES:
+        b = bodies.get(e.name)
+        ours = _ratio(b, e) if b else math.nan
+        what = f"{e.baseline} / parrot, {e.metric} of {e.kind}"
+        met = "-" if e.target is None or not b else ("yes" if ours >= e.target else "**no**")
+        target = "-" if e.target is None else f">= {e.target:g}x"
+        out.append(
+            f"| {e.figure} | [{e.name}](#{e.name}) | `{' '.join(e.flags)}` | {e.paper} | "
+            f"{_cell(ours, '{:.2f}x')} ({what}) | {target} | {met} |"
+        )
+    for e in ENTRIES:
+        b = bodies.get(e.name)
+        out += [
+            "",
+            f"## {e.name}",
+            "",
+            f"{e.figure}, scenario `{e.scenario}`. Command: "
+            f"`python -m scenarios bench {e.scenario} {' '.join(e.flags)}`",
+            "",
+        ]
+        if not b:
+            out += ["Not measured yet.", ""]
+            continue
+        out += _mode_table(b)
+        out += ["Profile (counters of the engines over the run):", ""] + _profile(b) + [""]
+        n, bad = b["outputs_compared"], b["outputs_differ"]
+        same = "identical" if not bad else f"{len(bad)} differ ({', '.join(bad[:4])})"
+        out += [f"Greedy outputs of {n} calls across modes: {same}.", ""]
+        out += [f"![{e.name}](results/{e.name}/{e.scenario}.png)", ""]
+        if e.name in NOTES:
+            out += [NOTES[e.name], ""]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,113 @@
+"""Every scenario at its smallest size, in both modes, on a tiny random-weight model: complete
+outputs for every call, the same greedy text in every mode, and the request-level baseline's
+round trips and recomputed prefixes counted exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scenarios import SCENARIO_NAMES, load
+from scenarios.cli import bench, parser
+from scenarios.metrics import compare_outputs
+
+EXPECTED_KEYS = {
+    "chain_summary": ["chain0/step0", "chain0/step1"],
+    "map_reduce_summary": ["job0/map0", "job0/map1", "job0/map2", "job0/reduce"],
+    "shared_prompt": ["user/0", "user/1", "user/2"],
+    "gpts": None,  # class names come from the data; checked by count below
+    "multi_agent": [
+        "architect",
+        "programmer/autograd.py",
+        "programmer/tensor.py",
+        "reviewer",
+        "reviser/autograd.py",
+        "reviser/tensor.py",
+    ],
+    "mixed": ["chat/0", "chat/1", "job0/map0", "job0/map1", "job0/reduce"],
+}
+
+# Round trips each mode pays (the background stream of chain_summary adds a variable number).
+ROUND_TRIPS = {
+    "map_reduce_summary": {"parrot": 1, "baseline": 4},
+    "shared_prompt": {"parrot": 3, "baseline": 3},
+    "gpts": {"parrot": 4, "baseline": 4},
+    "multi_agent": {"parrot": 1, "baseline-latency": 6},
+    "mixed": {"parrot": 3, "baseline-latency": 5, "baseline-throughput": 5},
+}
+
+
+def run_smallest(name: str, out: Path, *extra: str) -> tuple[list, dict]:
+    argv = ["bench", name, "--tiny", "--rtt", "0", "--kv-cache-mb", "64", "--no-progress"]
+    argv += ["--out", str(out)]
+    return bench(parser().parse_args([*argv, *load(name).SMALLEST, *extra]), argv)
+
+
+@pytest.mark.parametrize("name", SCENARIO_NAMES)
+def test_both_modes_complete_and_identical(name, tmp_path):
+    results, body = run_smallest(name, tmp_path)
+    mod = load(name)
+    labels = [r.label for r in results]
+    tunings = mod.BASELINE_TUNINGS
+    assert labels == ["parrot"] + ["baseline" if t == "same" else f"baseline-{t}" for t in tunings]
+    keys = EXPECTED_KEYS[name]
+    for r in results:
+        if keys is not None:
+            assert sorted(r.outputs) == sorted(keys), r.label
+        else:
+            assert len(r.outputs) == 4
+        assert all(text for text in r.outputs.values()), r.label  # no empty output
+        main = [a for a in r.apps if a.kind != "background"]
+        assert len(main) == mod.num_apps(parser().parse_args(["bench", name, *mod.SMALLEST]))
+        assert all(a.e2e_s > 0 and a.output_tokens > 0 for a in main)
+        assert r.tokens.generated_tokens > 0
+    compared, differ = compare_outputs(results)
+    assert compared == len(results[0].outputs) and differ == []
+    if name in ROUND_TRIPS:
+        assert {r.label: r.round_trips for r in results} == ROUND_TRIPS[name]
+    # The baseline never forks nor caches a prefix; its calls are timed on the client.
+    for r in results[1:]:
+        assert r.tokens.reused_tokens == 0
+        if name == "chain_summary":  # a background request cut off at the end paid its trip
+            assert 0 <= r.round_trips - len(r.calls) <= 1
+        else:
+            assert len(r.calls) == r.round_trips
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    assert saved["outputs_differ"] == [] and set(saved["modes"]) == set(labels)
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert body["outputs_compared"] == compared
+
+
+def test_shared_prompt_is_prefilled_once_by_parrot(tmp_path):
+    results, _ = run_smallest("shared_prompt", tmp_path)
+    parrot, baseline = results
+    # Parrot computes the shared system prompt (P tokens) once and forks it for all three
+    # users (3P reused); the baseline computes it three times: 2P more prefill.
+    reused = parrot.tokens.reused_tokens
+    assert reused > 0 and reused % 3 == 0
+    assert baseline.tokens.prefill_tokens - parrot.tokens.prefill_tokens == 2 * reused // 3
+
+
+def test_chain_background_load_runs_beside_the_chain(tmp_path):
+    results, _ = run_smallest("chain_summary", tmp_path)
+    for r in results:
+        kinds = {a.kind for a in r.apps}
+        assert kinds == {"chain", "background"} or kinds == {"chain"}, r.label
+        chain = [a for a in r.apps if a.kind == "chain"]
+        assert [a.calls for a in chain] == [2]
+
+
+def test_missing_shared_data_degrades_with_a_message(tmp_path, monkeypatch, capsys):
+    from parrot_actors import data
+    from scenarios import workloads
+
+    monkeypatch.setattr(data, "data_dir", lambda: None)
+    monkeypatch.setattr(workloads, "_warned", set())
+    results, _ = run_smallest("multi_agent", tmp_path)
+    err = capsys.readouterr().err
+    assert "workloads/metagpt/architect.txt not found" in err
+    assert "recorded run not found" in err
+    assert compare_outputs(results)[1] == []
+    assert all(r.outputs["architect"] for r in results)

@@ -168,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo,run}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo,run,bench}")
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="replay a paper workload in Parrot and baseline mode and report the speedup "
+        "(`parrot-actors bench --help` for scenarios and flags)",
+    )
     engines = _engine_options()
     s = sub.add_parser(
         "serve",
@@ -226,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `parrot-actors`; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # the scenarios' own parser owns every flag after it
+        from scenarios.cli import main as scenarios_main
+
+        return scenarios_main(argv)
     app_args: list[str] = []
     if "--" in argv:  # everything after `--` belongs to the app of `run`
         cut = argv.index("--")

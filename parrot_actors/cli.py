@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":  # the scenarios' own parser owns every flag after it
         from scenarios.cli import main as scenarios_main
 
-        return scenarios_main(argv)
+        return scenarios_main(argv, prog="parrot-actors")
     app_args: list[str] = []
     if "--" in argv:  # everything after `--` belongs to the app of `run`
         cut = argv.index("--")

@@ -4,6 +4,8 @@
 `bench` replays the scenario in each mode in this process (a fresh in-process service per mode
 on 127.0.0.1, or the service at --url), shows progress, prints a table, and writes
 OUT/SCENARIO.json (every app's and call's timings, every output) and OUT/SCENARIO.png.
+Parrot's per-call timings come from the in-process service's scheduler; with --url only the
+baseline's calls (timed by the client) and every app's latency are recorded.
 Defaults finish in minutes on a 2-core CPU with the embedded SmolLM2-135M-Instruct; the size
 flags reach the paper's sizes on a GPU (`--device cuda`).
 """
@@ -48,10 +50,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="exit 1 if modes' outputs differ")
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of `python -m scenarios`."""
+def parser(prog: str = "python -m scenarios") -> argparse.ArgumentParser:
+    """The argument parser of `python -m scenarios` (`prog` names the command in help)."""
     ap = argparse.ArgumentParser(
-        prog="python -m scenarios",
+        prog=prog,
         description="The Parrot paper's workloads, against Parrot and the request-level baseline.",
     )
     sub = ap.add_subparsers(dest="command", required=True)
@@ -59,7 +61,12 @@ def parser() -> argparse.ArgumentParser:
     scen = bench.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     for name in SCENARIO_NAMES:
         mod = load(name)
-        sp = scen.add_parser(name, help=f"{mod.FIGURE}: {mod.__doc__.splitlines()[0]}")
+        sp = scen.add_parser(
+            name,
+            help=f"{mod.__doc__.split(' (')[0]} ({mod.FIGURE})",
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(sp)
         mod.add_args(sp)
         sp.set_defaults(
@@ -70,7 +77,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--only", nargs="*", help="run only these entries (names)")
     rep.add_argument("--docs", default="docs", help="docs folder")
     rep.add_argument(
-        "--render-only", action="store_true", help="rewrite results.md from the saved JSONs"
+        "--render-only",
+        action="store_true",
+        help="redraw the PNGs and rewrite results.md from the saved JSONs (no run)",
     )
     return ap
 
@@ -93,20 +102,22 @@ def bench(args: argparse.Namespace, argv: list[str]) -> tuple[list, dict]:
     return results, body
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m scenarios") -> int:
     """Entry point; returns the exit status (0 ok; 1 with --strict when the modes' greedy
-    outputs differ; 2 for bad arguments, as argparse exits)."""
+    outputs differ; 2 for bad arguments, as argparse exits). `prog` names the command in help
+    texts (`parrot-actors` when called from there)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
+    args = parser(prog).parse_args(argv)
     if args.command == "list":
         for name in SCENARIO_NAMES:
             mod = load(name)
             print(f"{name:<20} {mod.FIGURE:<11} {mod.__doc__.splitlines()[0]}")
         return 0
     if args.command == "report":
-        from scenarios.report import render, run_report
+        from scenarios.report import render, replot, run_report
 
         if args.render_only:
+            replot(Path(args.docs))
             (Path(args.docs) / "results.md").write_text(render(Path(args.docs)))
             return 0
         return run_report(Path(args.docs), args.only)

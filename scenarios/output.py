@@ -143,7 +143,7 @@ def plot(path: Path, name: str, results: list[ModeResult]) -> None:
     ax1.set_ylabel("end-to-end latency (s); bar: mean, tick: p90")
     ax1.legend(fontsize=8)
     ax2.set_xlabel("LLM calls, sorted by latency")
-    ax2.set_ylabel("call latency (s): baseline send->done, Parrot ready->done")
+    ax2.set_ylabel("LLM call latency (s)")
     ax2.legend(fontsize=8)
     fig.suptitle(name)
     fig.tight_layout()

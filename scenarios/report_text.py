@@ -5,7 +5,7 @@ from __future__ import annotations
 
 PREAMBLE = """# Scenario results: the paper's workloads, Parrot vs the request-level baseline
 
-Regenerate everything on this page (about 30 minutes on a 2-core CPU) with:
+Regenerate everything on this page (about 25 minutes on a 2-core CPU) with:
 
 ```bash
 .venv/bin/python -m scenarios report            # or: --only multi-agent shared-prompt
@@ -19,13 +19,21 @@ against its own fresh in-process service on 127.0.0.1 over the same model:
   prefix caching); the app uses `pa.Runtime.connect(url)`, submits its whole graph, and pays
   one simulated network round trip (250 ms) per app.
 - **baseline**: `pa.SchedulerConfig(policy="fcfs", prefix_sharing=False,
-  automatic_prefix_caching=False)`; the app uses `openai.AsyncOpenAI` completions with the
-  exact prompt text the Parrot template renders, temperature 0, the same `max_tokens`, and
-  sends a request only after the previous one's answer came back, paying 250 ms per request.
-- Engine settings (EngineConfig): Parrot and the "baseline" / "baseline-throughput" columns
-  use max_running=64, max_batch_tokens=2048 (4096 for throughput-tuned), except the chain
-  entries where both modes use max_running=8; "baseline-latency" uses max_running=2,
-  max_batch_tokens=512.
+  automatic_prefix_caching=False)`; the app uses `openai.AsyncOpenAI` completions (streamed,
+  to time the first token) with the exact prompt text the Parrot template renders,
+  temperature 0 and the same `max_tokens`, and sends a request only after the previous one's
+  answer came back, paying 250 ms per request. Exception: the analytics jobs of `mixed` send
+  their maps concurrently (LangChain's batched map step). Independent apps (users, chains,
+  background streams) always run concurrently, each as its own client.
+- Engine settings (EngineConfig, 2 GiB KV cache, torch's default 2 threads): Parrot and the
+  "baseline" / "baseline-throughput" columns use max_running=64, max_batch_tokens=2048 (4096
+  for throughput-tuned), except the chain entries where both modes use max_running=8;
+  "baseline-latency" uses max_running=2, max_batch_tokens=512.
+- The CPU is shared with other engineers' jobs. Each profile table shows the machine's
+  1-minute load average before -> after each mode (this process alone accounts for about 1-2);
+  a mode that ran beside someone else's heavy job is slower by up to an order of magnitude
+  (torch's two worker threads stall when a core is taken), so compare ratios only between
+  modes with similar load, and rerun an entry with `--only NAME` when they differ.
 
 The "paper" column quotes the ratio the paper's evaluation text reports for that figure (GPU
 servers, LLaMA-7B/13B, vLLM and HuggingFace baselines), as recalled in this project, so treat it
@@ -33,4 +41,90 @@ as an order of magnitude rather than a checked figure. "ours" is the measured ra
 the column (baseline / parrot of a latency metric: higher is better for Parrot).
 """
 
-NOTES: dict[str, str] = {}
+NOTES: dict[str, str] = {
+    "chain": (
+        "Alone, a chain step costs the same compute in both modes (the engine counters match: "
+        "96 steps each); Parrot saves the 3 round trips between the 4 steps (0.75 s), nothing "
+        "else, so the ratio is (T + 4 RTT) / (T + 1 RTT). The paper's steps are GPU-short "
+        "compared with 250 ms, hence its larger ratio; ours shrinks as the CPU step (about "
+        "1.6 s) dominates."
+    ),
+    "chain-background": (
+        "Both engines run at most 8 sequences, and 24 closed-loop background clients keep about "
+        "16 requests queued. In the baseline the chain's next request joins the back of that "
+        "FCFS queue after its round trip: its chain_step calls show a TTFT of 6-10 s (the "
+        "JSON's calls), nearly all of it queueing. In Parrot the chain was awaited with "
+        "`pa.LATENCY` and the background with `pa.THROUGHPUT`, so each step is dispatched the "
+        "moment the previous one resolves and the engine admits it ahead of the queued "
+        "throughput work (TTFT under 1 s). The background requests' own latency and rate stay "
+        "comparable (see the background apps)."
+    ),
+    "chain-background-light": (
+        "The same with 12 background clients: only about 4 requests queue, so the baseline's "
+        "queueing per step is shorter and the ratio smaller. The ratio grows with the "
+        "background load, as in the paper's Fig. 12a."
+    ),
+    "chain-multi": (
+        "Four chains at once and no other load: the engine is never idle in either mode, so a "
+        "baseline chain's round trips overlap with the other chains' compute and cost almost "
+        "nothing in makespan; per-step compute is the same (75 vs 78 engine steps). The "
+        "paper's gain here came from GPU batching across chains, which a compute-bound CPU "
+        "step does not reward."
+    ),
+    "map-reduce": (
+        "Parrot submits 16 maps and the reduce at once; the maps form a task group and run as "
+        "one batch: 97 engine steps in all, against 816 for the baseline, which sends one map "
+        "after another (one sequence per step, plus 17 round trips = 4.25 s). A batched "
+        "decode step of 16 costs about 2.7x a single one here (TPOT 0.13 s vs 0.05 s), so "
+        "batching 16 maps gives about 6x on decode, while prefill (85 tokens per map) is the "
+        "same work in both modes."
+    ),
+    "shared-prompt": (
+        "The baseline computes the 1500-token system prompt for each of the 16 users (24604 "
+        "prefill tokens); Parrot computes it once and forks it (2044 computed, 24064 reused). "
+        "Decode differs as much: the baseline's 16 sequences each attend to their own 1.5k "
+        "context (TPOT about 1.2 s), Parrot's forks read the shared prefix once per step "
+        "(cascade attention, TPOT about 0.13 s). With a 600-token system prompt the same "
+        "scenario measured 2.7x on this machine: the ratio grows with the shared prompt's "
+        "length (the real preamble is about 3200 tokens)."
+    ),
+    "gpts": (
+        "Each app class's system prompt (a tenth of the paper's lengths: 112 to 744 tokens) "
+        "is prefilled once by Parrot (1674 tokens computed vs 7769); outputs are a twentieth "
+        "of the paper's. At 1.5 requests/s the baseline is not yet saturated on this CPU, so "
+        "the gain is in TTFT (0.3 s vs 1.0 s) and the normalized latency, not the unbounded "
+        "queueing the paper shows past the baseline's capacity; raise --rate to reach it."
+    ),
+    "multi-agent": (
+        "Every agent reads the recorded run's whole project design (2783 tokens, real GPT-4 "
+        "text) first. The baseline recomputes it for each of its 18 requests (54877 prefill "
+        "tokens) and pays 18 round trips; Parrot computes it once (automatic prefix caching "
+        "across roles, then one forked prefix per stage: 7024 computed, 59220 reused) and "
+        "decodes each stage's 8 calls as one batch."
+    ),
+    "multi-agent-short": (
+        "The same workflow with 1500 design tokens: below the 5x of the full-length entry. "
+        "Where the time goes in Parrot (a one-off probe: this workflow on the embedded runtime "
+        "with every engine fill and generate timed, quiet machine, 30.6 s in all): architect "
+        "4.5 s (a single call, the same in both modes); programmers 7.5 s (8 "
+        "child fills of 103 tokens: 2.4 s; 24 decode steps of 8 forks: 5 s at 0.2 s/step); "
+        "reviewer 2.8 s; revisers 15.4 s (8 child fills of 367 tokens: 6-9 s; decode 9 s at "
+        "0.37 s/step). A cProfile of one decode step of 8 forks over 1600 tokens (212 ms): "
+        "linear layers 87 ms (on this CPU a batch of 8 costs 8x the matmul work of one "
+        "sequence: compute-bound, unlike a GPU), attention 120 ms; a single sequence's step "
+        "is 62 ms, so batching 8 calls saves only 2.3x on decode. And the revisers' forked "
+        "prefix covers the design and the first file only: the scheduler's dynamic prefix "
+        "ends at a call's first input variable, so the other 7 files and the review (367 "
+        "tokens) are prefilled by every reviser. Shorter shared context, smaller ratio: the "
+        "5x target holds from the recorded design's full length."
+    ),
+    "mixed": (
+        "Against the latency-tuned baseline (2 sequences per step) chats queue behind map "
+        "requests, and the maps run two at a time; against the throughput-tuned one (64 "
+        "sequences, 4096-token chunks) chats share steps with the maps' prefill, which costs "
+        "them little at these sizes, so Parrot's advantage over it is small (chat objective "
+        "vs map objective only changes admission order). The paper's 5.5x needs a GPU batch "
+        "where large throughput batches inflate per-token latency; on this CPU the 16 maps' "
+        "prefill (3072 tokens) is short next to the chats' arrivals."
+    ),
+}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Sequence
+from typing import TypeVar
 
 import msgspec
 
@@ -42,6 +43,34 @@ def current_runtime() -> Runtime:
     return rt
 
 
+_R = TypeVar("_R", bound="CurrentRuntime")
+
+
+class CurrentRuntime:
+    """`async with` support shared by every runtime (embedded, HTTP, Ray): `start()`, then
+    make the runtime current for semantic function calls; on exit, restore the previous one
+    and `close()`. Subclasses define `start` and `close`."""
+
+    _token: contextvars.Token | None = None
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: _R) -> _R:
+        await self.start()
+        self._token = _current.set(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+        await self.close()
+
+
 class RuntimeStats(msgspec.Struct, kw_only=True):
     """Totals over all engines (tokens) and calls, plus each engine's own counters."""
 
@@ -53,7 +82,7 @@ class RuntimeStats(msgspec.Struct, kw_only=True):
     engines: dict[str, EngineStats]
 
 
-class Runtime:
+class Runtime(CurrentRuntime):
     """The embedded runtime: local engine actors and a scheduler actor in this process.
 
     model: the model of the default engine ("default" = embedded SmolLM2) when `engines` is
@@ -77,7 +106,6 @@ class Runtime:
         self.calls: dict[int, SemanticCall] = {}  # submitted and not finished
         self.calls_completed = 0
         self.calls_failed = 0
-        self._token: contextvars.Token | None = None
         self._owned: list = []
 
     @staticmethod
@@ -96,17 +124,6 @@ class Runtime:
         from parrot_actors.ray.client import RayRuntime
 
         return RayRuntime(address, **kwargs)
-
-    async def __aenter__(self) -> Runtime:
-        await self.start()
-        self._token = _current.set(self)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._token is not None:
-            _current.reset(self._token)
-            self._token = None
-        await self.close()
 
     async def start(self) -> None:
         """Start the engines (loading models) and the scheduler."""

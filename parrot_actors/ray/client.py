@@ -13,7 +13,6 @@ e.g. `EngineDiedError`). Like `Runtime.connect`, `rt.stats()` is a coroutine.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Sequence
 
@@ -33,7 +32,7 @@ from parrot_actors.ray.wire import (
     decode_error,
     encode_call,
 )
-from parrot_actors.runtime import RuntimeStats, _current
+from parrot_actors.runtime import CurrentRuntime, RuntimeStats
 from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.variables.graph import SemanticCall, check_acyclic
 from parrot_actors.variables.perf import LATENCY
@@ -42,7 +41,7 @@ from parrot_actors.variables.variable import Variable
 log = logging.getLogger("parrot_actors.ray")
 
 
-class RayRuntime:
+class RayRuntime(CurrentRuntime):
     """The Parrot API on a Ray deployment, used like `pa.Runtime` (see the module docstring).
 
     address: the cluster ("auto": the local or job's cluster, "HOST:PORT", "ray://HOST:PORT").
@@ -81,7 +80,6 @@ class RayRuntime:
         self.timeout_s = timeout_s
         self.service: object | None = None
         self.session: str | None = None
-        self._token: contextvars.Token | None = None
         self._connected = False
         self._ops: list[Op] = []
         self._seq = 0
@@ -91,17 +89,6 @@ class RayRuntime:
         self._tasks: set[asyncio.Task] = set()  # waits for variables
         self._applies: set[asyncio.Task] = set()  # batches being sent
         self._fetching: set[tuple[str, str]] = set()
-
-    async def __aenter__(self) -> RayRuntime:
-        await self.start()
-        self._token = _current.set(self)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._token is not None:
-            _current.reset(self._token)
-            self._token = None
-        await self.close()
 
     async def start(self) -> None:
         """Connect, find or create the service, open a session. Raises `ConnectionError`

@@ -14,7 +14,6 @@ them. Service errors come back as the same typed exceptions (`CallError` chained
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import weakref
 
@@ -22,7 +21,7 @@ import aiohttp
 import msgspec
 
 from parrot_actors.errors import CallError, ParrotError, TemplateError
-from parrot_actors.runtime import RuntimeStats, _current
+from parrot_actors.runtime import CurrentRuntime, RuntimeStats
 from parrot_actors.server.client_wire import encode_call, error_from_response
 from parrot_actors.server.errors import GetTimeoutError, exception_from
 from parrot_actors.server.protocol import (
@@ -39,7 +38,7 @@ from parrot_actors.variables.variable import Variable
 log = logging.getLogger("parrot_actors.client")
 
 
-class RemoteRuntime:
+class RemoteRuntime(CurrentRuntime):
     """The Parrot API over HTTP, used like `pa.Runtime` (see the module docstring).
 
     url: the service's base URL. session_ttl_s: inactivity timeout of the session (seconds;
@@ -79,20 +78,8 @@ class RemoteRuntime:
         self._pending_remote: set[str] = set()
         self._vars: weakref.WeakValueDictionary[str, Variable] = weakref.WeakValueDictionary()
         self._fetching: dict[str, asyncio.Task | None] = {}
-        self._ctx_token: contextvars.Token | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
-
-    async def __aenter__(self) -> RemoteRuntime:
-        await self.start()
-        self._ctx_token = _current.set(self)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._ctx_token is not None:
-            _current.reset(self._ctx_token)
-            self._ctx_token = None
-        await self.close()
 
     async def start(self) -> None:
         """Open the connection pool, create the session and start the sender. Raises the

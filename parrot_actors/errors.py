@@ -38,6 +38,11 @@ class EngineDiedError(EngineError):
     call on another engine when nothing of it has been delivered yet."""
 
 
+class SamplingError(EngineError):
+    """Picking, detokenizing or streaming one request's next token failed (e.g. NaN logits);
+    that request fails, the engine and every other request go on."""
+
+
 class CapacityError(EngineError):
     """A single request can never fit in the engine's KV cache or model length, even alone."""
 

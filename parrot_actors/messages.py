@@ -6,6 +6,8 @@ unchanged, so the same messages travel between local actors, Ray actors and HTTP
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from parrot_actors.errors import InvalidRequestError
@@ -15,15 +17,26 @@ LATENCY_PRIORITY = 0
 THROUGHPUT_PRIORITY = 1
 """Engine priority of throughput work: admitted after latency work, preempted first."""
 
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+"""Seeds torch's generators accept (inclusive; torch.Generator.manual_seed)."""
+MAX_STOP_STRINGS = 32
+"""Stop strings per request at most (each one is searched for after every token)."""
+MAX_STOP_CHARS = 512
+"""Characters per stop string at most."""
+
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """How to pick tokens in `Engine.generate`.
 
-    temperature: 0 means greedy (argmax); > 0 scales logits (units: none).
-    top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass in (0, 1].
-    seed: per-request seed, so sampled outputs are reproducible (None = nondeterministic).
+    temperature: 0 means greedy (argmax); > 0 (finite) scales logits (units: none); any
+    positive value is numerically safe (see `engines.sampler.sample`).
+    top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass in (0, 1]; the most
+    likely token always survives.
+    seed: per-request seed in `SEED_RANGE`, so sampled outputs are reproducible
+    (None = nondeterministic).
     max_tokens: tokens to generate at most (> 0).
-    stop: strings that end generation; the returned text stops before the first match.
+    stop: strings that end generation (at most `MAX_STOP_STRINGS`, each 1 to `MAX_STOP_CHARS`
+    characters); the returned text stops before the first match.
     stop_token_ids: token ids that end generation; None means the model's EOS ids.
     ignore_eos: keep going past EOS (benchmarks use it to fix output lengths).
 
@@ -41,16 +54,29 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 
     def validate(self) -> SamplingParams:
         """Return self if every field is in range, else raise `InvalidRequestError`."""
-        if not self.temperature >= 0.0:
-            raise InvalidRequestError(f"temperature={self.temperature!r}: must be >= 0")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise InvalidRequestError(
+                f"temperature={self.temperature!r}: must be a finite number >= 0"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p={self.top_p!r}: must be in (0, 1]")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k={self.top_k!r}: must be >= 0 (0 disables it)")
         if self.max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens={self.max_tokens!r}: must be > 0")
-        if any(not s for s in self.stop):
-            raise InvalidRequestError(f"stop={list(self.stop)!r}: stop strings must be non-empty")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise InvalidRequestError(
+                f"seed={self.seed!r}: must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+            )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(
+                f"stop: {len(self.stop)} strings given; at most {MAX_STOP_STRINGS} are allowed"
+            )
+        for s in self.stop:
+            if not 0 < len(s) <= MAX_STOP_CHARS:
+                raise InvalidRequestError(
+                    f"stop={s[:40]!r}: stop strings must have 1 to {MAX_STOP_CHARS} characters"
+                )
         return self
 
 
@@ -97,15 +123,19 @@ class FillResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class EngineStats(msgspec.Struct, kw_only=True):
-    """Counters of one engine since start (tokens are counts, not rates).
+    """Counters of one engine since start (tokens are counts, not rates). Counters survive
+    restarts of the engine's loop; gauges describe the current KV pool.
 
     prefill_tokens: tokens whose KV the engine computed (fills, prompts, recomputation).
     reused_tokens: tokens whose KV was shared by fork or found in the prefix cache.
-    generated_tokens: tokens sampled. preemptions: generations whose KV was dropped to be
-    recomputed later. kv_blocks_used / kv_blocks_total: blocks of the KV pool (block_size
-    tokens each). running / waiting: requests in the batch / queued. contexts: live contexts.
-    mean_batch_size / max_batch_size: sequences per step over all steps so far
-    (`Engine.batch_sizes()` has the series).
+    generated_tokens: tokens sampled. preemptions: running requests whose KV was dropped to be
+    recomputed later. evictions: idle contexts whose KV was dropped under KV pressure (they are
+    recomputed when next used). kv_blocks_used / kv_blocks_total: blocks of the KV pool
+    (block_size tokens each). running / waiting: requests in the batch / queued. contexts:
+    live contexts. mean_batch_size / max_batch_size: sequences per step over all steps so far.
+    healthy: False while the engine's loop is down (between a failure and its rebuild).
+    restarts: rebuilds after a failure of the loop. last_error: the latest such failure
+    ("" if none).
     """
 
     name: str = "engine0"
@@ -114,6 +144,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     reused_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    evictions: int = 0
     steps: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
@@ -124,3 +155,6 @@ class EngineStats(msgspec.Struct, kw_only=True):
     contexts: int = 0
     mean_batch_size: float = 0.0
     max_batch_size: int = 0
+    healthy: bool = True
+    restarts: int = 0
+    last_error: str = ""

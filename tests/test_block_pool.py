@@ -17,7 +17,7 @@ def test_allocate_and_free_counts():
     assert pool.num_free == 1  # all or nothing
     pool.incref([0])
     assert pool.decref([0, 1]) == [1]
-    assert pool.refcount(0) == 1 and pool.is_exclusive(0)
+    assert pool.refcount(0) == 1
     assert pool.decref([0, 2]) == [0, 2]
     assert pool.num_used == 0
     with pytest.raises(ValueError):
@@ -71,16 +71,27 @@ def test_context_errors():
 def test_prefix_cache_keeps_freed_blocks_until_evicted():
     pool = BlockPool(3, 4)
     a, b = pool.allocate(2)
-    pool.register(a, 111)
-    pool.register(b, 222)
-    pool.register(b, 333)  # a block keeps its first hash
+    ta, tb = (1, 2, 3, 4), (5, 6, 7, 8)
+    pool.register(a, b"ka", ta)
+    pool.register(b, b"kb", tb)
+    pool.register(b, b"kc", tb)  # a block keeps its first key
     pool.decref([a, b])
     assert (pool.num_free, pool.num_cached_free, pool.num_used) == (3, 2, 0)
-    assert pool.lookup(111) == a and pool.refcount(a) == 1
-    assert pool.lookup(333) is None
+    assert pool.lookup(b"ka", ta) == a and pool.refcount(a) == 1
+    assert pool.lookup(b"kc", tb) is None
     assert pool.num_cached_free == 1
     # The plain free block goes first, then the least recently used cached one (b).
     assert pool.allocate(2) == [2, b]
-    assert pool.lookup(222) is None
+    assert pool.lookup(b"kb", tb) is None
     pool.decref([a])
-    assert pool.lookup(111) == a
+    assert pool.lookup(b"ka", ta) == a
+
+
+def test_a_key_hit_with_other_tokens_is_a_miss():
+    pool = BlockPool(2, 4)
+    (a,) = pool.allocate(1)
+    pool.register(a, b"same-key", (1, 2, 3, 4))
+    pool.decref([a])
+    assert pool.lookup(b"same-key", (1, 2, 3, 5)) is None  # a collision shares nothing
+    assert pool.num_cached_free == 1 and pool.refcount(a) == 0
+    assert pool.lookup(b"same-key", (1, 2, 3, 4)) == a

@@ -147,7 +147,9 @@ def test_stop_and_seed(client):
         ({"temperature": 3}, openai.BadRequestError, "$.temperature"),
         ({"extra_body": {"tools_x": 1}}, openai.BadRequestError, "`tools_x`"),
         ({"presence_penalty": 0.5}, openai.BadRequestError, "presence_penalty"),
-        ({"stop": [""]}, openai.BadRequestError, "stop strings must be non-empty"),
+        ({"stop": [""]}, openai.BadRequestError, "stop strings must have 1 to 512 characters"),
+        ({"stop": ["x"] * 17}, openai.BadRequestError, "$.stop"),
+        ({"seed": -(1 << 63) - 1}, openai.BadRequestError, "$.seed"),
     ],
 )
 def test_bad_requests_are_4xx_with_a_message(client, kwargs, error, words):

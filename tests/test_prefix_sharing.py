@@ -63,6 +63,7 @@ async def test_shared_system_prompt_prefilled_once(real_engine: Engine):
     before = real_engine.stats()
     async with pa.Runtime(engines=[real_engine]) as rt:
         answers = await pa.gather(*[fn(pa.Variable(q)) for q in QUESTIONS])
+        await real_engine.flush()
         after = real_engine.stats()
         entries = list(rt.scheduler.prefixes.entries.values())
         assert len(entries) == 1 and entries[0].static

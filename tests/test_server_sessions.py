@@ -191,10 +191,10 @@ BAD_INPUT = [
     (
         "POST",
         "/v1/calls",
-        call("A {{output:y}}", y={"sampling": {"temperature": 1e-30}}),
+        call("A {{output:y}}", y={"sampling": {"seed": 1 << 64}}),
         400,
-        "InvalidRequestError",
-        "temperature",
+        "BadRequestError",
+        "sampling.seed",
     ),
     ("POST", "/v1/calls", {"template": "x" * (70 << 10)}, 413, "PayloadTooLargeError", "limit"),
     ("GET", "/v1/variables/given?perf=fast", None, 400, "BadRequestError", "perf='fast'"),

@@ -1,9 +1,14 @@
 """The KV block pool: block ids, reference counts and the free list. Integers only, no tensors.
 
 The pool is the one owner of block ids. A block with refcount > 1 is shared (a forked parent's
-full blocks) and must not be written; `BlockPool.is_exclusive` tells the engine when to copy on
-write. Source: PagedAttention (Kwon et al., SOSP 2023, §4.2-4.4: block tables, reference counts,
-copy-on-write on fork).
+full blocks) and must not be written; `BlockPool.refcount` tells the engine which blocks an
+eviction would actually free. Source: PagedAttention (Kwon et al., SOSP 2023, §4.2-4.4: block
+tables, reference counts, copy-on-write on fork).
+
+Automatic prefix caching keeps a registry of full blocks by key (a chained sha256 digest computed
+by `contexts.block_key`) together with the token ids each block holds. A lookup hits only if the
+stored tokens equal the asked ones, so even a key collision can never hand one sequence the KV of
+another (the fix vLLM made after GHSA-rm76-4mrf-v9r8).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ class BlockPool:
         self._refcount = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # LRU first
-        self._hash_of: dict[int, int] = {}
-        self._block_of: dict[int, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self._tokens_of: dict[int, tuple[int, ...]] = {}
 
     @property
     def num_free(self) -> int:
@@ -51,18 +57,20 @@ class BlockPool:
         """Free blocks that still hold a registered prefix."""
         return len(self._cached_free)
 
-    def register(self, block_id: int, block_hash: int) -> None:
-        """Record that `block_id` (full, computed) holds the tokens hashed as `block_hash`.
-        A hash already held by another block is left alone (the first copy wins)."""
-        if block_hash in self._block_of or block_id in self._hash_of:
+    def register(self, block_id: int, key: bytes, tokens: tuple[int, ...]) -> None:
+        """Record that `block_id` (full, computed) holds `tokens` (block_size ids) under `key`.
+        A key already held by another block is left alone (the first copy wins)."""
+        if key in self._block_of or block_id in self._key_of:
             return
-        self._hash_of[block_id] = block_hash
-        self._block_of[block_hash] = block_id
+        self._key_of[block_id] = key
+        self._block_of[key] = block_id
+        self._tokens_of[block_id] = tokens
 
-    def lookup(self, block_hash: int) -> int | None:
-        """The block holding `block_hash`, with one more reference taken, or None."""
-        b = self._block_of.get(block_hash)
-        if b is None:
+    def lookup(self, key: bytes, tokens: tuple[int, ...]) -> int | None:
+        """The block registered under `key` whose stored tokens equal `tokens`, with one more
+        reference taken, or None (a miss, also when the key matches but the tokens differ)."""
+        b = self._block_of.get(key)
+        if b is None or self._tokens_of[b] != tokens:
             return None
         if self._refcount[b] == 0:
             del self._cached_free[b]
@@ -70,12 +78,8 @@ class BlockPool:
         return b
 
     def refcount(self, block_id: int) -> int:
-        """Current reference count of `block_id`."""
+        """Current reference count of `block_id` (0: free)."""
         return self._refcount[block_id]
-
-    def is_exclusive(self, block_id: int) -> bool:
-        """True if exactly one owner holds `block_id` (safe to write in place)."""
-        return self._refcount[block_id] == 1
 
     def allocate(self, n: int) -> list[int]:
         """Take `n` free blocks (refcount 1 each). All or nothing: raises `OutOfBlocksError`."""
@@ -87,7 +91,8 @@ class BlockPool:
                 ids.append(self._free.popleft())
             else:  # evict the least recently used cached block
                 b, _ = self._cached_free.popitem(last=False)
-                del self._block_of[self._hash_of.pop(b)]
+                del self._block_of[self._key_of.pop(b)]
+                del self._tokens_of[b]
                 ids.append(b)
         for b in ids:
             self._refcount[b] = 1
@@ -109,7 +114,7 @@ class BlockPool:
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
                 freed.append(b)
-                if b in self._hash_of:
+                if b in self._key_of:
                     self._cached_free[b] = None
                 else:
                     self._free.append(b)

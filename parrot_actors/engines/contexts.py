@@ -7,12 +7,24 @@ contexts, Fill/Generate, fork) and PagedAttention (Kwon et al., SOSP 2023, §4.4
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from parrot_actors.engines.block_pool import BlockPool
 from parrot_actors.errors import ContextNotFoundError, InvalidRequestError
+
+
+def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The prefix-cache key of a full block: sha256 over the previous block's key and this
+    block's token ids (int64), so a key names the whole prefix up to the block's end.
+    Source: vLLM's automatic prefix caching, which moved to sha256 after GHSA-rm76-4mrf-v9r8
+    (Python's `hash` is predictable and collides on purpose-built inputs)."""
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,9 @@ class Context:
     blocks: block ids covering positions [0, num_computed) (one more may be allocated ahead).
     last_logits: float32 `[vocab]` after the last token, kept while nothing is pending so a
     generate can sample its first token without recomputing anything.
-    block_hashes: chained hashes of the leading full computed blocks (prefix caching).
+    block_keys: chained keys (`block_key`) of the leading full computed blocks (prefix caching).
+    last_used: the engine step at which a request last ran on it (least recently used contexts
+    are evicted first).
     """
 
     id: str
@@ -42,7 +56,8 @@ class Context:
     blocks: list[int] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
     parent_id: str | None = None
-    block_hashes: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)
+    last_used: int = 0
 
     @property
     def num_pending(self) -> int:
@@ -60,12 +75,21 @@ class ContextTable:
     def __init__(self, pool: BlockPool) -> None:
         self.pool = pool
         self._contexts: dict[str, Context] = {}
+        # A secret root per table: cache keys differ between servers and cannot be precomputed.
+        self._root = os.urandom(32)
 
     def __len__(self) -> int:
         return len(self._contexts)
 
     def __contains__(self, context_id: str) -> bool:
         return context_id in self._contexts
+
+    def __iter__(self) -> Iterator[Context]:
+        return iter(list(self._contexts.values()))
+
+    def find(self, context_id: str) -> Context | None:
+        """The live context `context_id`, or None."""
+        return self._contexts.get(context_id)
 
     def get(self, context_id: str) -> Context:
         """The live context `context_id`."""
@@ -111,19 +135,24 @@ class ContextTable:
             blocks=blocks,
             last_logits=parent.last_logits if parent.num_pending == 0 else None,
             parent_id=parent_id,
-            block_hashes=parent.block_hashes[:full],
+            block_keys=parent.block_keys[:full],
+            last_used=parent.last_used,
         )
         self._contexts[context_id] = child
         return child, copy, parent.num_computed
 
     def drop_kv(self, ctx: Context) -> None:
-        """Release the context's blocks and mark every token pending (preemption: the KV will
-        be recomputed)."""
+        """Release the context's blocks and mark every token pending (preemption or eviction:
+        the KV will be recomputed when the context is next used)."""
         self.pool.decref(ctx.blocks)
         ctx.blocks = []
         ctx.num_computed = 0
         ctx.last_logits = None
-        ctx.block_hashes = []
+        ctx.block_keys = []
+
+    def exclusive_blocks(self, ctx: Context) -> int:
+        """Blocks of `ctx` that no other owner holds: what dropping its KV would free."""
+        return sum(self.pool.refcount(b) == 1 for b in ctx.blocks)
 
     def free(self, context_id: str) -> Context:
         """Remove the context and release its blocks (shared ones live on in other owners)."""
@@ -141,31 +170,32 @@ class ContextTable:
             ctx.blocks.extend(self.pool.allocate(need))
 
     def register_full_blocks(self, ctx: Context) -> None:
-        """Hash and register every newly completed full block of `ctx` (prefix caching)."""
+        """Key and register every newly completed full block of `ctx` (prefix caching)."""
         bs = self.pool.block_size
-        full = ctx.num_computed // bs
-        for i in range(len(ctx.block_hashes), full):
-            parent = ctx.block_hashes[i - 1] if i else 0
-            h = hash((parent, tuple(ctx.tokens[i * bs : (i + 1) * bs])))
-            ctx.block_hashes.append(h)
-            self.pool.register(ctx.blocks[i], h)
+        full = min(ctx.num_computed // bs, len(ctx.blocks))
+        for i in range(len(ctx.block_keys), full):
+            tokens = tuple(ctx.tokens[i * bs : (i + 1) * bs])
+            key = block_key(ctx.block_keys[i - 1] if i else self._root, tokens)
+            ctx.block_keys.append(key)
+            self.pool.register(ctx.blocks[i], key, tokens)
 
     def match_cached(self, ctx: Context) -> int:
         """Take cached blocks for the context's pending tokens, from a block boundary on; at
-        least one token stays pending (its logits are needed). Returns tokens reused."""
+        least one token stays pending (its logits are needed). A block is taken only if its
+        stored tokens equal the context's. Returns tokens reused."""
         bs = self.pool.block_size
         start = ctx.num_computed // bs
-        if ctx.num_computed % bs or len(ctx.blocks) > start or len(ctx.block_hashes) != start:
+        if ctx.num_computed % bs or len(ctx.blocks) > start or len(ctx.block_keys) != start:
             return 0
         reused = 0
         for i in range(start, (len(ctx.tokens) - 1) // bs):
-            parent = ctx.block_hashes[i - 1] if i else 0
-            h = hash((parent, tuple(ctx.tokens[i * bs : (i + 1) * bs])))
-            block = self.pool.lookup(h)
+            tokens = tuple(ctx.tokens[i * bs : (i + 1) * bs])
+            key = block_key(ctx.block_keys[i - 1] if i else self._root, tokens)
+            block = self.pool.lookup(key, tokens)
             if block is None:
                 break
             ctx.blocks.append(block)
-            ctx.block_hashes.append(h)
+            ctx.block_keys.append(key)
             ctx.num_computed += bs
             reused += bs
         return reused

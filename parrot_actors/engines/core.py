@@ -2,15 +2,23 @@
 
 Deterministic and free of asyncio: the async `Engine` actor calls `schedule()` to pick the
 step's work (cheap, integer bookkeeping), runs `execute()` (the forward pass, may run in a worker
-thread) and then `finish_step()` to sample and report. Sources: continuous batching (Yu et al.,
-Orca, OSDI 2022, §4: iteration-level scheduling), chunked prefill (Agrawal et al., Sarathi,
-2023), preemption by recomputation (Kwon et al., vLLM, SOSP 2023, §4.5).
+thread) and then `finish_step()` to sample and report. Every other method mutates state and is
+called by the engine loop only between steps (never while `execute` runs). Sources: continuous
+batching (Yu et al., Orca, OSDI 2022, §4: iteration-level scheduling), chunked prefill (Agrawal
+et al., Sarathi, 2023), preemption by recomputation (Kwon et al., vLLM, SOSP 2023, §4.5).
+
+Progress under KV pressure is guaranteed by construction: a request short of blocks first drops
+the KV of idle contexts (no request running on them; least recently used first), then preempts
+lower-ranked running requests, then runs the chunk that fits; `schedule()` goes on to the next
+request instead of stopping at one that cannot run; and if nothing at all can run while work is
+queued, the best-ranked request can never fit and fails with `CapacityError` at once.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +30,7 @@ from parrot_actors.engines.contexts import Context, ContextTable
 from parrot_actors.engines.detokenizer import Detokenizer
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.sampler import make_generator, sample
-from parrot_actors.errors import CapacityError, EngineError, InvalidRequestError
+from parrot_actors.errors import CapacityError, EngineError, InvalidRequestError, SamplingError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
     EngineStats,
@@ -83,9 +91,11 @@ class EngineCore:
 
     Each step admits requests in rank order (latency-critical before throughput, then arrival)
     within `max_batch_tokens` new tokens and `max_running` sequences: running decodes cost one
-    token, fills are chunked to what the budget leaves. When the pool runs out of blocks it
-    preempts the lowest-ranked running request (drops its KV; recomputed when it runs again).
-    A request that cannot fit even alone fails with `CapacityError`.
+    token, fills are chunked to what the budget and the free blocks leave. When the pool runs
+    out of blocks it drops idle contexts' KV, then preempts the lowest-ranked running request
+    (drops its KV; recomputed when it runs again). A request that cannot fit even alone fails
+    with `CapacityError`. `batch_sizes` counts steps per batch size (a histogram, bounded by
+    `max_running`).
     """
 
     def __init__(
@@ -116,7 +126,7 @@ class EngineCore:
             name=name, model=model_name, kv_blocks_total=num_blocks, block_size=block_size
         )
         self._seq = itertools.count()
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: Counter[int] = Counter()
 
     # ---- contexts -------------------------------------------------------------------------
 
@@ -153,12 +163,19 @@ class EngineCore:
         self.stats.reused_tokens += reused
         return child, reused
 
-    def free_context(self, context_id: str) -> None:
-        """Release a context's blocks. Its running request, if any, is dropped silently (the
-        async shell cancels it first)."""
+    def cancel_context(self, context_id: str, error: BaseException) -> int:
+        """Finish every queued or running request on the context with `error`; returns how
+        many. Raises `ContextNotFoundError` for an unknown context."""
         ctx = self.contexts.get(context_id)
-        for req in [r for r in self.running + self.waiting if r.ctx is ctx]:
-            self._remove(req)
+        reqs = [r for r in self.running + self.waiting if r.ctx is ctx]
+        for req in reqs:
+            self.cancel(req, error)
+        return len(reqs)
+
+    def free_context(self, context_id: str) -> None:
+        """Release a context's blocks (shared ones live on in their other owners); requests
+        still on it fail with `EngineError`. Raises `ContextNotFoundError`."""
+        self.cancel_context(context_id, EngineError(f"context {context_id!r} was freed"))
         self.contexts.free(context_id)
 
     # ---- requests -------------------------------------------------------------------------
@@ -169,7 +186,6 @@ class EngineCore:
         """Append `token_ids` to `ctx` and queue their computation. Raises `InvalidRequestError`
         for an empty list, ids outside the vocabulary, or a context beyond the model length."""
         self._check_tokens(ctx, token_ids)
-        ctx.tokens.extend(token_ids)
         req = Request(
             "fill",
             ctx,
@@ -179,7 +195,8 @@ class EngineCore:
             appended=len(token_ids),
             reused=reused,
         )
-        self._check_fits(req, len(ctx.tokens))
+        self._check_fits(req, len(ctx.tokens) + len(token_ids))
+        ctx.tokens.extend(token_ids)
         self.waiting.append(req)
         return req
 
@@ -265,18 +282,34 @@ class EngineCore:
         if req.kind == "fill":
             self._finish_fill(req)
             return True
-        if ctx.last_logits is not None and not req.output_ids:
-            self._sample_into(req, ctx.last_logits)
+        if ctx.last_logits is None:
+            # Computed but without logits (e.g. a fork of a context whose tokens were still
+            # pending when it forked): recompute, since sampling needs the last position.
+            self.contexts.drop_kv(ctx)
+            return False
+        if not req.output_ids:
+            self._sample_safely(req, ctx.last_logits)
             return req.done
         return False
 
     def schedule(self) -> StepPlan | None:
-        """Pick this step's work and allocate its blocks; None if there is nothing to compute."""
+        """Pick this step's work and allocate its blocks; None only when no work is left.
+
+        Requests that can never fit (even with every idle context evicted and every other
+        request preempted) fail here with `CapacityError`, so queued work never waits on an
+        idle engine."""
+        while True:
+            plan = self._schedule_once()
+            if plan is not None or not self.has_work():
+                return plan
+            self._fail_stuck()
+
+    def _schedule_once(self) -> StepPlan | None:
         heads = self._context_heads()
         for req in sorted(self.waiting, key=Request.rank):
             if req in heads:
                 self._start_without_compute(req)
-        budget = self.max_batch_tokens
+        heads = self._context_heads()
         chosen: list[tuple[Request, int]] = []
         decodes_first = sorted(
             (r for r in self.running if r.ctx.num_pending == 1), key=Request.rank
@@ -286,25 +319,23 @@ class EngineCore:
             key=Request.rank,
         )
         for req in dict.fromkeys(decodes_first + rest):
-            if req.done or req not in heads or budget == 0 or len(chosen) >= self.max_running:
+            budget = self.max_batch_tokens - sum(n for _, n in chosen)
+            if req.done or req not in heads or budget <= 0 or len(chosen) >= self.max_running:
                 continue
             if self.prefix_caching and not req.running:
                 hit = self.contexts.match_cached(req.ctx)
                 req.reused += hit
                 self.stats.reused_tokens += hit
-            n = min(req.ctx.num_pending, budget)
+            n = self._reserve(req, min(req.ctx.num_pending, budget), chosen)
             if n == 0:
-                continue
-            if not self._reserve(req, n, chosen):
-                break
+                continue  # others may still fit: never stop at one blocked request
             chosen.append((req, n))
-            budget -= n
+            req.ctx.last_used = self.stats.steps
             if not req.running:
                 req.running = True
                 self.waiting.remove(req)
                 self.running.append(req)
         if not chosen:
-            self._fail_stuck()
             return None
         return self._plan(chosen)
 
@@ -318,21 +349,46 @@ class EngineCore:
                 heads[id(req.ctx)] = req
         return set(heads.values())
 
-    def _reserve(self, req: Request, n: int, chosen: list[tuple[Request, int]]) -> bool:
-        """Allocate blocks for `n` more tokens of `req`, preempting lower-ranked running
-        requests as needed. False if even that does not free enough."""
+    def _reserve(self, req: Request, n: int, chosen: list[tuple[Request, int]]) -> int:
+        """Allocate blocks for up to `n` more tokens of `req`: evict idle contexts, then
+        preempt lower-ranked running requests, then shrink `n` to the blocks that are free.
+        Returns the tokens reserved (0: none could be)."""
         ctx = req.ctx
-        target = ctx.num_computed + n
-        while self.contexts.blocks_needed(ctx, target) > self.pool.num_free:
+        if n <= 0:
+            return 0
+        need = self.contexts.blocks_needed(ctx, ctx.num_computed + n)
+        if need > self.pool.num_free:
+            self._evict_idle(req, need)
+        while self.contexts.blocks_needed(ctx, ctx.num_computed + n) > self.pool.num_free:
             victims = [
                 r for r in self.running if r is not req and r.rank() > req.rank() and r.ctx.blocks
             ]
             if not victims:
-                return False
-            victim = max(victims, key=Request.rank)
-            self._preempt(victim, chosen)
-        self.contexts.ensure_blocks(ctx, target)
-        return True
+                break
+            self._preempt(max(victims, key=Request.rank), chosen)
+        room = (len(ctx.blocks) + self.pool.num_free) * self.pool.block_size - ctx.num_computed
+        n = min(n, room)
+        if n <= 0:
+            return 0
+        self.contexts.ensure_blocks(ctx, ctx.num_computed + n)
+        return n
+
+    def _evict_idle(self, req: Request, need: int) -> None:
+        """Drop the KV of idle contexts (no running request on them, not `req`'s own) until
+        `need` blocks are free or none is left: least recently used first, preferring those
+        that free a block at once (a parent whose blocks its forks share frees nothing until
+        they go too). A dropped context keeps its tokens and is recomputed when next used."""
+        busy = {id(r.ctx) for r in self.running} | {id(req.ctx)}
+        while self.pool.num_free < need:
+            idle = sorted(
+                (c for c in self.contexts if c.blocks and id(c) not in busy),
+                key=lambda c: c.last_used,
+            )
+            if not idle:
+                return
+            victim = next((c for c in idle if self.contexts.exclusive_blocks(c)), idle[0])
+            self.contexts.drop_kv(victim)
+            self.stats.evictions += 1
 
     def _preempt(self, victim: Request, chosen: list[tuple[Request, int]]) -> None:
         chosen[:] = [(r, n) for r, n in chosen if r is not victim]
@@ -343,24 +399,19 @@ class EngineCore:
         self.stats.preemptions += 1
 
     def _fail_stuck(self) -> None:
-        """Nothing could run: if nothing is running either, the head request waits for blocks
-        held by idle contexts that may never be freed, so it fails rather than hangs."""
-        if self.running or not self.waiting:
-            return
-        head = min(self.waiting, key=Request.rank)
-        if (
-            head.ctx.num_pending
-            and self.contexts.blocks_needed(head.ctx, head.ctx.num_computed + 1)
-            > self.pool.num_free
-        ):
-            self._finish(
-                head,
-                None,
-                CapacityError(
-                    f"KV cache full: {self.pool.num_used} of {self.pool.num_blocks} blocks are "
-                    "held by idle contexts; free some contexts or raise kv_cache_bytes"
-                ),
-            )
+        """Nothing could run although work is queued: the best-ranked head request cannot get
+        a single block even with every idle context evicted and every other request
+        preempted, so it can never run; it fails rather than hangs."""
+        head = min(self._context_heads(), key=Request.rank)
+        self._finish(
+            head,
+            None,
+            CapacityError(
+                f"context {head.ctx.id!r} ({len(head.ctx.tokens)} tokens) cannot get KV blocks: "
+                f"{self.pool.num_used} of {self.pool.num_blocks} are held by its own and shared "
+                "blocks; raise kv_cache_bytes"
+            ),
+        )
 
     def _plan(self, chosen: list[tuple[Request, int]]) -> StepPlan:
         bs = self.pool.block_size
@@ -400,9 +451,10 @@ class EngineCore:
 
     def finish_step(self, plan: StepPlan, logits: torch.Tensor) -> None:
         """Advance every request of the step: count computed tokens, store or sample logits,
-        finish what is done."""
+        finish what is done. Requests finished since `schedule` (cancelled or freed while the
+        forward pass ran) are skipped."""
         self.stats.steps += 1
-        self.batch_sizes.append(len(plan.items))
+        self.batch_sizes[len(plan.items)] += 1
         for req, n in plan.items:
             # A decode computes the one token it sampled; everything else is prefill, including
             # recomputation after preemption.
@@ -413,6 +465,8 @@ class EngineCore:
                 and (req.ctx.num_pending == 1)
             )
             self.stats.prefill_tokens += 0 if decode else n
+            if req.done:
+                continue  # cancelled or freed during the step: its context may be gone
             req.ctx.num_computed += n
             req.computed += n
             if self.prefix_caching:
@@ -429,12 +483,7 @@ class EngineCore:
             if req.kind == "fill":
                 self._finish_fill(req)
                 continue
-            try:
-                self._sample_into(req, last)
-            except Exception as exc:  # one request's sampling must not stop the engine
-                self._finish(
-                    req, None, EngineError(f"sampling failed for context {req.ctx.id!r}: {exc!r}")
-                )
+            self._sample_safely(req, last)
 
     def _finish_fill(self, req: Request) -> None:
         ctx = req.ctx
@@ -450,6 +499,21 @@ class EngineCore:
             None,
         )
 
+    def _sample_safely(self, req: Request, logits: torch.Tensor) -> None:
+        """`_sample_into`, with any failure (sampling, stop strings, detokenization, the
+        token callback) failing this request only."""
+        try:
+            self._sample_into(req, logits)
+        except Exception as exc:
+            if req.done:
+                return
+            error = exc if isinstance(exc, SamplingError) else SamplingError(repr(exc))
+            self._finish(
+                req,
+                None,
+                SamplingError(f"generation on context {req.ctx.id!r} failed: {error}"),
+            )
+
     def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
         sp = req.sampling
         token = sample(logits, sp, req.generator)
@@ -463,7 +527,10 @@ class EngineCore:
         reason = None
         if token in req.stop_ids:
             reason = "stop"
-            req.ctx.tokens.pop()  # a stop token ends the output; it never enters the context
+            # A stop token ends the output and never enters the context; the logits it was
+            # drawn from stay the context's last logits (nothing is pending again).
+            req.ctx.tokens.pop()
+            req.ctx.last_logits = logits
         elif stop_hit:
             reason = "stop"
         elif len(req.output_ids) >= sp.max_tokens or len(req.ctx.tokens) >= self.runner.max_len:
@@ -492,10 +559,36 @@ class EngineCore:
                 None,
             )
 
+    def rebuilt(self) -> EngineCore:
+        """A fresh core over the same model and tokenizer: a new, empty KV pool (new
+        tensors), no contexts, no requests; counters carried over. Used after the loop failed,
+        since the failed step may have left the KV and the bookkeeping half-updated. The old
+        core must not be used afterwards (its KV tensors are released first, so peak memory
+        stays one pool)."""
+        self.kv_caches = []
+        core = EngineCore(
+            self.runner,
+            self.tokenizer,
+            self.pool.num_blocks,
+            self.pool.block_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_running=self.max_running,
+            cascade=self.cascade,
+            prefix_caching=self.prefix_caching,
+            name=self.stats.name,
+            model_name=self.stats.model,
+        )
+        keep = ("prefill_tokens", "reused_tokens", "generated_tokens", "preemptions", "evictions")
+        for f in (*keep, "steps"):
+            setattr(core.stats, f, getattr(self.stats, f))
+        core.batch_sizes = self.batch_sizes
+        return core
+
     def fail_all(self, error: EngineError) -> None:
-        """Finish every queued and running request with `error` (engine shutdown)."""
+        """Finish every queued and running request with `error` (shutdown, or a failed loop)."""
         for req in list(self.running + self.waiting):
-            self._finish(req, None, error)
+            if not req.done:
+                self._finish(req, None, error)
 
     def snapshot(self) -> EngineStats:
         """Current counters (a copy)."""
@@ -505,8 +598,9 @@ class EngineCore:
         s.running = len(self.running)
         s.waiting = len(self.waiting)
         s.contexts = len(self.contexts)
-        if self.batch_sizes:
-            s.mean_batch_size = sum(self.batch_sizes) / len(self.batch_sizes)
+        steps = sum(self.batch_sizes.values())
+        if steps:
+            s.mean_batch_size = sum(k * v for k, v in self.batch_sizes.items()) / steps
             s.max_batch_size = max(self.batch_sizes)
         return EngineStats(**{f: getattr(s, f) for f in s.__struct_fields__})
 

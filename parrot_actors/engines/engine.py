@@ -1,16 +1,34 @@
-"""The engine actor: an asyncio shell around `EngineCore`.
+"""The engine actor: an asyncio shell around `EngineCore`, and its supervisor.
 
 The paper's engine API (Parrot, OSDI 2024, §6): `fill`, `generate`, `free_context`. Operations
 on one context run in the order they were called; different contexts run concurrently and are
-batched together step by step. The forward pass runs in a worker thread so the event loop keeps
-accepting requests between and during steps.
+batched together step by step.
+
+The engine loop owns its state. A step's forward pass runs in a worker thread, so the event loop
+keeps accepting requests during it, but nothing the event loop does touches the core: every
+mutation (admitting a fill or generate, a fork with its block copy, a cancel, a free) is a
+command that the loop applies between steps, in arrival order (the models: vLLM's engine busy
+loop, mini-sglang's deferred frees): after a step's forward pass has returned and before its
+results are processed, so a request cancelled or freed during a step is skipped when the step
+completes, and its blocks return to the pool only after the pass that may write them.
+
+Supervision: if the loop itself raises (a bug, a device fault), the engine logs the traceback,
+marks itself unhealthy (`healthy`, `stats()`, and so `/health` and `/metrics`), fails every
+request in flight with `EngineDiedError` (the scheduler retries calls that delivered nothing),
+waits `restart_backoff_s` (doubling while failures repeat within a minute), rebuilds its core (a
+fresh KV pool; the model is kept) and serves again. Contexts that died with the old core answer
+`EngineDiedError` when used; freeing them succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import msgspec
 import torch
@@ -19,7 +37,7 @@ from parrot_actors.cuda.backend import make_backend
 from parrot_actors.engines.core import EngineCore, Request
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.model_loader import DEFAULT_MODEL, load_model, random_model
-from parrot_actors.errors import EngineError, InvalidRequestError
+from parrot_actors.errors import EngineDiedError, EngineError, InvalidRequestError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
     EngineStats,
@@ -29,7 +47,16 @@ from parrot_actors.messages import (
     TokenDelta,
 )
 
+log = logging.getLogger("parrot_actors.engine")
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+MAX_RESTART_BACKOFF_S = 30.0
+"""Longest wait before rebuilding a core that keeps failing (seconds)."""
+CRASH_WINDOW_S = 60.0
+"""Failures closer together than this (seconds) double the backoff; a longer quiet resets it."""
+MAX_LOST_CONTEXTS = 65536
+"""Ids of contexts lost in a restart that are remembered (so using one says why it is gone)."""
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -44,7 +71,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_batch_tokens: new tokens per step (prefill chunk budget). max_running: sequences per
     step. cascade: use shared-prefix (cascade) decode for forks. prefix_caching: reuse cached
     full blocks by hash (automatic prefix caching). num_threads: torch CPU threads
-    (None = torch's default).
+    (None = torch's default). restart_backoff_s: seconds between a failure of the engine loop
+    and the rebuild of its core (doubles while failures repeat, up to 30 s).
     """
 
     name: str = "engine0"
@@ -61,6 +89,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     cascade: bool = True
     prefix_caching: bool = True
     num_threads: int | None = None
+    restart_backoff_s: float = 1.0
 
     def validate(self) -> EngineConfig:
         """Return self, or raise `InvalidRequestError` naming the bad field."""
@@ -69,6 +98,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         for name in ("block_size", "kv_cache_bytes", "max_batch_tokens", "max_running"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name}={getattr(self, name)!r}: must be > 0")
+        if not 0 <= self.restart_backoff_s <= MAX_RESTART_BACKOFF_S:
+            raise InvalidRequestError(
+                f"restart_backoff_s={self.restart_backoff_s!r}: must be in "
+                f"[0, {MAX_RESTART_BACKOFF_S}]"
+            )
         return self
 
 
@@ -119,28 +153,49 @@ def build_core(config: EngineConfig) -> EngineCore:
     )
 
 
+@dataclass(eq=False)
+class _Command:
+    """A change to the core, applied by the loop between steps: `fn(core)`'s result or error
+    goes to `fut`. A command whose caller gave up before it ran is skipped unless `must_run`
+    (cancels and frees must happen whoever still waits for them)."""
+
+    fn: Callable[[EngineCore], object]
+    fut: asyncio.Future
+    must_run: bool = False
+
+
 class Engine:
     """One model, its KV cache and its contexts, serving fills and generates concurrently.
 
-    Create with `await Engine.start(config)`; stop with `await engine.close()`. Errors:
+    Create with `await Engine.start(config)`; stop with `await engine.close()`. Attributes:
+    `healthy` (False while the loop is being rebuilt after a failure), `restarts`,
+    `last_error`; `add_listener(fn)` calls `fn(engine)` whenever `healthy` changes. Errors:
     `ContextNotFoundError` (unknown or freed context), `InvalidRequestError` (bad arguments),
-    `CapacityError` (a request that can never fit), `EngineError` (engine closed or failed).
+    `CapacityError` (a request that can never fit), `SamplingError` (one generation's sampling
+    failed), `EngineDiedError` (the loop failed under the request, or its context was lost in
+    the restart), `EngineError` (engine closed).
     """
 
     def __init__(self, core: EngineCore, config: EngineConfig) -> None:
-        self.core = core
         self.config = config
         self.name = config.name
         self.model_name = core.stats.model
         self.aliases = (config.model,) if config.random_model is None else ()
         self.tokenizer = core.tokenizer
+        self.healthy = True
+        self.restarts = 0
+        self.last_error = ""
+        self._core = core
+        self._commands: deque[_Command] = deque()
         self._tails: dict[str, asyncio.Future] = {}
-        self._active: dict[str, set[Request]] = {}
+        self._frees: set[asyncio.Task] = set()
+        self._lost: OrderedDict[str, None] = OrderedDict()
+        self._listeners: list[Callable[[Engine], None]] = []
         self._wakeup = asyncio.Event()
         self._closed = False
-        self._error: BaseException | None = None
-        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
-        self.request_log: list[tuple[str, str]] = []
+        self._backoff_s = config.restart_backoff_s
+        self._last_failure = -CRASH_WINDOW_S
+        self._loop_task = asyncio.get_running_loop().create_task(self._supervise())
 
     @classmethod
     async def start(cls, config: EngineConfig | None = None) -> Engine:
@@ -149,31 +204,153 @@ class Engine:
         core = await asyncio.to_thread(build_core, config)
         return cls(core, config)
 
-    # ---- the step loop ----------------------------------------------------------------------
+    @property
+    def core(self) -> EngineCore:
+        """The current core (replaced on a restart). Read it only; changes go through the
+        engine API so that they happen between steps."""
+        return self._core
 
-    async def _loop(self) -> None:
-        core = self.core
-        try:
-            while not self._closed:
-                await self._wakeup.wait()
+    def add_listener(self, fn: Callable[[Engine], None]) -> None:
+        """Call `fn(self)` whenever `healthy` changes (e.g. to dispatch when it is back)."""
+        self._listeners.append(fn)
+
+    # ---- the step loop and its supervisor ---------------------------------------------------
+
+    async def _supervise(self) -> None:
+        while not self._closed:
+            try:
+                await self._serve()
+            except Exception as exc:  # a bug or a device fault: rebuild, never stay dead
+                if self._closed:
+                    return
+                await self._restart(exc)
+
+    async def _serve(self) -> None:
+        core = self._core
+        while not self._closed:
+            self._apply_commands(core)
+            if not core.has_work():
                 self._wakeup.clear()
-                while core.has_work() and not self._closed:
-                    plan = core.schedule()
-                    if plan is None:
-                        break
-                    logits = await asyncio.to_thread(core.execute, plan)
-                    core.finish_step(plan, logits)
-                    await asyncio.sleep(0)
-        except Exception as exc:  # a bug or a device failure: fail every request, loudly
-            self._error = exc
-            core.fail_all(EngineError(f"engine {self.name!r} failed: {exc!r}"))
-            raise
+                if not self._commands:
+                    await self._wakeup.wait()
+                continue
+            plan = core.schedule()
+            if plan is None:
+                continue  # every queued request was finished or failed by schedule()
+            logits = await asyncio.to_thread(core.execute, plan)
+            if self._closed:
+                return
+            # The forward pass is over: what arrived meanwhile applies now, so a request
+            # cancelled or freed during the step is finished and `finish_step` skips it.
+            self._apply_commands(core)
+            core.finish_step(plan, logits)
+            # Let the owners of finished requests post their next command (a generate after its
+            # fill) before the next schedule, so that their contexts are not evicted as idle.
+            await asyncio.sleep(0)
+
+    def _apply_commands(self, core: EngineCore) -> None:
+        while self._commands:
+            cmd = self._commands.popleft()
+            if cmd.fut.done() and not cmd.must_run:
+                continue  # its caller was cancelled before it could apply
+            try:
+                result = cmd.fn(core)
+            except Exception as exc:  # a bad request (or a bug in one command) fails only it
+                if not cmd.fut.done():
+                    cmd.fut.set_exception(exc)
+                continue
+            if not cmd.fut.done():
+                cmd.fut.set_result(result)
+
+    async def _restart(self, exc: Exception) -> None:
+        self.healthy = False
+        self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        log.error(
+            "engine %r: the step loop failed; failing its requests and rebuilding",
+            self.name,
+            exc_info=exc,
+        )
+        self._notify()
+        old = self._core
+        old.fail_all(
+            EngineDiedError(f"engine {self.name!r} failed ({self.last_error}); it is restarting")
+        )
+        for ctx in old.contexts:
+            self._lost[ctx.id] = None
+        while len(self._lost) > MAX_LOST_CONTEXTS:
+            self._lost.popitem(last=False)
+        now = time.monotonic()
+        if now - self._last_failure > CRASH_WINDOW_S:
+            self._backoff_s = self.config.restart_backoff_s
+        else:
+            self._backoff_s = min(max(2 * self._backoff_s, 0.1), MAX_RESTART_BACKOFF_S)
+        self._last_failure = now
+        delay = self._backoff_s
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                self._core = await asyncio.to_thread(old.rebuilt)
+                break
+            except Exception:
+                log.exception("engine %r: rebuilding the core failed; retrying", self.name)
+                delay = min(max(2 * delay, 0.1), MAX_RESTART_BACKOFF_S)
+        self.restarts += 1
+        self.healthy = True
+        log.warning("engine %r: serving again (restart %d)", self.name, self.restarts)
+        self._notify()
+
+    def _notify(self) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(self)
+            except Exception:
+                log.exception("engine %r: a health listener failed", self.name)
+
+    # ---- commands -----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
             raise EngineError(f"engine {self.name!r} is closed")
-        if self._error is not None:
-            raise EngineError(f"engine {self.name!r} failed: {self._error!r}")
+
+    def _post(self, fn: Callable[[EngineCore], object], must_run: bool = False) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieve)
+        self._commands.append(_Command(fn, fut, must_run))
+        self._wakeup.set()
+        return fut
+
+    async def _request(self, admit: Callable[[EngineCore, Callable], Request | None]) -> object:
+        """Admit a request between steps (`admit(core, on_finish)`) and wait for its result.
+        Cancelling the wait cancels the request, also between steps."""
+        done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieve)
+
+        def on_finish(result: object, error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        admitted = self._post(lambda core: admit(core, on_finish))
+        try:
+            await admitted
+            return await done
+        except asyncio.CancelledError:
+            if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
+                req = admitted.result()
+                if req is not None:
+                    error = EngineError("request cancelled by its caller")
+                    self._post(lambda core: core.cancel(req, error), must_run=True)
+            raise
+
+    def _check_alive(self, *context_ids: str | None) -> None:
+        for cid in context_ids:
+            if cid is not None and cid in self._lost:
+                raise EngineDiedError(
+                    f"context {cid!r} was lost when engine {self.name!r} restarted"
+                )
 
     async def _in_order(self, context_id: str, after: list[str], op: Callable[[], Awaitable]):
         """Run `op` after every earlier operation on `context_id` and on the contexts in
@@ -191,23 +368,6 @@ class Engine:
             if self._tails.get(context_id) is mine:
                 del self._tails[context_id]
 
-    def _submit(self, make: Callable[[Callable], Request]) -> tuple[Request, asyncio.Future]:
-        fut = asyncio.get_running_loop().create_future()
-
-        def on_finish(result: object, error: BaseException | None) -> None:
-            self._active.get(req.ctx.id, set()).discard(req)
-            if fut.done():
-                return
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
-
-        req = make(on_finish)
-        self._active.setdefault(req.ctx.id, set()).add(req)
-        self._wakeup.set()
-        return req, fut
-
     # ---- the engine API ---------------------------------------------------------------------
 
     def tokenize(self, text: str, first: bool = False) -> list[int]:
@@ -224,6 +384,15 @@ class Engine:
     def detokenize(self, token_ids: list[int]) -> str:
         """Text of `token_ids`, special tokens skipped."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _starts_empty(self, context_id: str, parent_context_id: str | None) -> bool:
+        # A read of the core (safe during a step): ops on this context and its parent are
+        # serialized by `_in_order`, so the answer holds until the fill applies.
+        contexts = self._core.contexts
+        ctx = contexts.find(context_id) or (
+            contexts.find(parent_context_id) if parent_context_id else None
+        )
+        return ctx is None or not ctx.tokens
 
     async def fill(
         self,
@@ -245,42 +414,50 @@ class Engine:
         after = [parent_context_id] if parent_context_id else []
 
         async def op() -> FillResult:
-            self._check_open()
-            core = self.core
-            exists = context_id in core.contexts
-            ctx, reused = core.open_context(context_id, parent_context_id)
             ids = token_ids
             if text is not None:
-                ids = self.tokenize(text, first=not ctx.tokens)
-            self.request_log.append(("fill", context_id))
-            if not ids:
-                if exists or parent_context_id:
-                    return FillResult(
-                        context_id=context_id,
-                        appended_tokens=0,
-                        computed_tokens=0,
-                        reused_tokens=reused,
-                        context_len=len(ctx.tokens),
-                    )
-                core.contexts.free(context_id)
-                raise InvalidRequestError(
-                    f"fill of new context {context_id!r} with no tokens: empty prompt"
+                ids = self.tokenize(text, first=self._starts_empty(context_id, parent_context_id))
+            return await self._request(
+                lambda core, cb: self._admit_fill(
+                    core, context_id, ids, parent_context_id, priority, cb
                 )
-            try:
-                req, fut = self._submit(
-                    lambda cb: core.add_fill(ctx, list(ids), priority, reused, cb)
-                )
-            except Exception:
-                if not exists and not ctx.tokens:
-                    core.contexts.free(context_id)
-                raise
-            try:
-                return await fut
-            except asyncio.CancelledError:
-                core.cancel(req, EngineError("fill cancelled"))
-                raise
+            )
 
         return await self._in_order(context_id, after, op)
+
+    def _admit_fill(
+        self,
+        core: EngineCore,
+        context_id: str,
+        ids: list[int] | None,
+        parent_context_id: str | None,
+        priority: int,
+        on_finish: Callable,
+    ) -> Request | None:
+        self._check_alive(context_id, parent_context_id)
+        exists = context_id in core.contexts
+        ctx, reused = core.open_context(context_id, parent_context_id)
+        if not ids:
+            if exists or parent_context_id:
+                result = FillResult(
+                    context_id=context_id,
+                    appended_tokens=0,
+                    computed_tokens=0,
+                    reused_tokens=reused,
+                    context_len=len(ctx.tokens),
+                )
+                on_finish(result, None)
+                return None
+            core.contexts.free(context_id)
+            raise InvalidRequestError(
+                f"fill of new context {context_id!r} with no tokens: empty prompt"
+            )
+        try:
+            return core.add_fill(ctx, list(ids), priority, reused, on_finish)
+        except Exception:
+            if not exists:  # a rejected fill leaves no context behind
+                core.contexts.free(context_id)
+            raise
 
     async def generate(
         self,
@@ -312,24 +489,21 @@ class Engine:
     ) -> GenerateResult:
         after = [parent_context_id] if parent_context_id else []
 
-        async def op() -> GenerateResult:
-            self._check_open()
-            core = self.core
-            if parent_context_id is not None:
+        def admit(core: EngineCore, on_finish: Callable) -> Request:
+            self._check_alive(context_id, parent_context_id)
+            forked = parent_context_id is not None
+            if forked:
                 ctx, _ = core.open_context(context_id, parent_context_id)
             else:
                 ctx = core.contexts.get(context_id)
-            self.request_log.append(("generate", context_id))
-            req, fut = self._submit(
-                lambda cb: core.add_generate(ctx, sampling, priority, cb, on_token)
-            )
             try:
-                return await fut
-            except asyncio.CancelledError:
-                core.cancel(req, EngineError("generation cancelled"))
+                return core.add_generate(ctx, sampling, priority, on_finish, on_token)
+            except Exception:
+                if forked:
+                    core.contexts.free(context_id)
                 raise
 
-        return await self._in_order(context_id, after, op)
+        return await self._in_order(context_id, after, lambda: self._request(admit))
 
     async def _stream(
         self,
@@ -355,39 +529,76 @@ class Engine:
 
     async def free_context(self, context_id: str) -> None:
         """Cancel the context's running work and release its blocks (blocks shared with forks
-        live on). Raises `ContextNotFoundError` if it does not exist."""
+        live on), both between steps. The free completes even if the caller is cancelled
+        meanwhile (a cancelled call must still release its KV). Raises `ContextNotFoundError`
+        if the context does not exist; a context lost in a restart is simply forgotten."""
         self._check_open()
-        for req in list(self._active.get(context_id, ())):
-            self.core.cancel(req, EngineError(f"context {context_id!r} was freed"))
-        self.core.contexts.get(context_id)
+        task = asyncio.ensure_future(self._free_in_order(context_id))
+        self._frees.add(task)
+        task.add_done_callback(self._frees.discard)
+        task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
 
-        async def op() -> None:
-            self.request_log.append(("free", context_id))
-            self.core.free_context(context_id)
-            self._active.pop(context_id, None)
-            self._wakeup.set()  # freed blocks may unblock a waiting request
+    async def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every command posted before this call has been applied, frees whose
+        callers were cancelled included (e.g. before reading `kv_blocks_used` once an app is
+        done). Raises `asyncio.TimeoutError` after `timeout_s` seconds."""
+        self._check_open()
 
-        await self._in_order(context_id, [], op)
+        async def settle() -> None:
+            while self._frees:
+                await asyncio.wait(set(self._frees))
+            await self._post(lambda core: None, must_run=True)
 
-    def has_context(self, context_id: str) -> bool:
-        """True if the context exists."""
-        return context_id in self.core.contexts
+        await asyncio.wait_for(settle(), timeout_s)
 
-    def batch_sizes(self) -> list[int]:
-        """Sequences in each step so far, in step order."""
-        return list(self.core.batch_sizes)
+    async def _free_in_order(self, context_id: str) -> None:
+        error = EngineError(f"context {context_id!r} was freed")
+        # Stop its work first, so that operations queued on it end now rather than run.
+        await self._post(lambda core: self._cancel_on(core, context_id, error), must_run=True)
+        await self._in_order(
+            context_id, [], lambda: self._post(lambda core: self._free(core, context_id), True)
+        )
+
+    def _cancel_on(self, core: EngineCore, context_id: str, error: EngineError) -> None:
+        if context_id not in self._lost:
+            core.cancel_context(context_id, error)
+
+    def _free(self, core: EngineCore, context_id: str) -> None:
+        if context_id in self._lost:  # died with an earlier core: nothing to release
+            del self._lost[context_id]
+            return
+        core.free_context(context_id)
 
     def stats(self) -> EngineStats:
-        """Counters since start (see `EngineStats`)."""
-        return self.core.snapshot()
+        """Counters since start, and health (see `EngineStats`)."""
+        s = self._core.snapshot()
+        s.healthy = self.healthy
+        s.restarts = self.restarts
+        s.last_error = self.last_error
+        return s
 
-    async def close(self) -> None:
-        """Stop the loop; queued and running requests fail with `EngineError`."""
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop (after the step in flight, waiting at most `timeout_s` seconds);
+        queued and running requests fail with `EngineError`."""
         if self._closed:
             return
         self._closed = True
         self._wakeup.set()
-        self.core.fail_all(EngineError(f"engine {self.name!r} closed"))
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._loop_task
+        done, _ = await asyncio.wait({self._loop_task}, timeout=timeout_s)
+        if not done or not self.healthy:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        error = EngineError(f"engine {self.name!r} closed")
+        self._core.fail_all(error)
+        while self._commands:
+            fut = self._commands.popleft().fut
+            if not fut.done():
+                fut.set_exception(error)
 
+
+def _retrieve(fut: asyncio.Future) -> None:
+    # An error nobody awaits any more (its caller was cancelled) is expected, not a leak.
+    if not fut.cancelled():
+        fut.exception()

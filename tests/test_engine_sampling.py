@@ -121,6 +121,7 @@ async def test_fill_generate_alternate_on_one_context(tiny_engine):
 
 async def test_tiny_temperature_samples_the_best_token(tiny_engine):
     greedy = await gen(tiny_engine, "g0", SamplingParams(max_tokens=6, ignore_eos=True))
-    tiny = await gen(tiny_engine, "t0", SamplingParams(temperature=1e-9, seed=3, max_tokens=6,
-                                                       ignore_eos=True))
+    tiny = await gen(
+        tiny_engine, "t0", SamplingParams(temperature=1e-9, seed=3, max_tokens=6, ignore_eos=True)
+    )
     assert tiny.token_ids == greedy.token_ids

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from parrot_actors.errors import InvalidRequestError, TemplateError
+from parrot_actors.errors import TemplateError
 from parrot_actors.messages import SamplingParams
 from parrot_actors.server.errors import BadRequestError, ConflictError
 from parrot_actors.server.protocol import Arg, Sampling, SubmitCall

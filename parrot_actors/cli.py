@@ -3,6 +3,7 @@
   parrot-actors serve [--model M] [--engines N] [--host H] [--port P]   run the service
   parrot-actors demo [--url URL]        WriteSnakeGame and a map-reduce summary
   parrot-actors run APP.py [--url URL] [-- ARGS]   run the async `main` of your app
+  parrot-actors chaos --url URL [--minutes M]      random aborts and bad inputs, then a table
 
 Without --url, `demo` and `run` start an embedded runtime in this process (`--model` and the
 other engine options choose its engines); with --url they use a running service through
@@ -16,9 +17,13 @@ import asyncio
 import importlib.util
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+METRICS_KEY_ENV = "PARROT_ACTORS_METRICS_KEY"
+"""Environment variable holding the key of /health and /metrics (`serve --metrics-key`)."""
 
 
 def engine_specs(args: argparse.Namespace) -> list[object]:
@@ -49,7 +54,7 @@ def open_runtime(args: argparse.Namespace) -> object:
     import parrot_actors as pa
 
     if args.url:
-        return pa.Runtime.connect(args.url)
+        return pa.Runtime.connect(args.url, api_key=args.api_key)
     return pa.Runtime(engines=engine_specs(args))
 
 
@@ -86,6 +91,12 @@ async def demo(args: argparse.Namespace) -> None:
             print(f"  map {i}: {m.value().strip()[:160]}")
         print(f"[end-to-end {time.perf_counter() - t0:.2f}s]")
         stats = await _stats(rt)
+        if args.url:  # a service shows a session its own counters only
+            print(
+                f"\nsession stats: calls={stats.calls_completed} prompt={stats.prompt_tokens} "
+                f"generated={stats.generated_tokens}"
+            )
+            return
         print(
             f"\nstats: calls={stats.calls_completed} prefill={stats.prefill_tokens} "
             f"reused={stats.reused_tokens} generated={stats.generated_tokens}"
@@ -123,6 +134,7 @@ def serve(args: argparse.Namespace) -> None:
     """Run the service until SIGINT/SIGTERM."""
     from parrot_actors.scheduler.config import SchedulerConfig
     from parrot_actors.server import ServerConfig, run
+    from parrot_actors.server.client import API_KEY_ENV
 
     config = ServerConfig(
         host=args.host,
@@ -130,6 +142,8 @@ def serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         session_ttl_s=args.session_ttl,
         max_pending_calls=args.max_pending_calls,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        metrics_key=args.metrics_key or os.environ.get(METRICS_KEY_ENV) or None,
     )
     scheduler = SchedulerConfig(policy=args.policy, prefix_sharing=not args.no_prefix_sharing)
     if args.ray:
@@ -168,12 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo,run,bench}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,demo,run,bench,chaos}"
+    )
     sub.add_parser(
         "bench",
         add_help=False,
         help="replay a paper workload in Parrot and baseline mode and report the speedup "
         "(`parrot-actors bench --help` for scenarios and flags)",
+    )
+    sub.add_parser(
+        "chaos",
+        add_help=False,
+        help="mixed traffic with random aborts, bad inputs and session deletions against a "
+        "running service, then a table of outcomes (`parrot-actors chaos --help`)",
     )
     engines = _engine_options()
     s = sub.add_parser(
@@ -194,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session-ttl", type=float, default=600.0, help="idle session timeout, s")
     s.add_argument("--max-pending-calls", type=int, default=1024, help="per session (429 beyond)")
     s.add_argument(
+        "--api-key",
+        help="require this key on every /v1/* route, OpenAI ones included ('Authorization: "
+        "Bearer KEY' or 'X-Api-Key: KEY'; default: $PARROT_ACTORS_API_KEY, else no key)",
+    )
+    s.add_argument(
+        "--metrics-key",
+        help="require this key on /health and /metrics (default: $PARROT_ACTORS_METRICS_KEY, "
+        "else open: aggregate counters reveal traffic, so multi-tenant deployments set it)",
+    )
+    s.add_argument(
         "--ray",
         metavar="ADDRESS",
         help="run the engines as Ray actors on the cluster at ADDRESS ('auto' or HOST:PORT): "
@@ -208,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default model, or against a running service with --url",
     )
     d.add_argument("--url", help="a running service, e.g. http://127.0.0.1:9000")
+    d.add_argument("--api-key", help="the service's API key (default: $PARROT_ACTORS_API_KEY)")
     d.add_argument(
         "--document",
         help="text file to summarize (default: a chapter of the "
@@ -226,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("app", metavar="APP.py", help="a Python file defining `async def main()`")
     r.add_argument("--url", help="a running service, e.g. http://127.0.0.1:9000")
+    r.add_argument("--api-key", help="the service's API key (default: $PARROT_ACTORS_API_KEY)")
     return parser
 
 
@@ -236,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         from scenarios.cli import main as scenarios_main
 
         return scenarios_main(argv, prog="parrot-actors")
+    if argv and argv[0] == "chaos":
+        from parrot_actors.chaos import main as chaos_main
+
+        return chaos_main(argv[1:])
     app_args: list[str] = []
     if "--" in argv:  # everything after `--` belongs to the app of `run`
         cut = argv.index("--")

@@ -120,20 +120,39 @@ async def _call_stats(server: BackgroundServer) -> list:
     )
 
 
-def _tokens(before: object, after: object) -> TokenStats:
-    steps = sum(e.steps for e in after.engines.values()) - sum(
-        e.steps for e in before.engines.values()
-    )
-    pre = sum(e.preemptions for e in after.engines.values()) - sum(
-        e.preemptions for e in before.engines.values()
-    )
-    return TokenStats(
-        prefill_tokens=after.prefill_tokens - before.prefill_tokens,
-        reused_tokens=after.reused_tokens - before.reused_tokens,
-        generated_tokens=after.generated_tokens - before.generated_tokens,
-        steps=steps,
-        preemptions=pre,
-    )
+_COUNTERS = ("prefill_tokens", "reused_tokens", "generated_tokens", "steps", "preemptions")
+
+
+async def _engine_counters(url: str, server: BackgroundServer | None) -> dict[str, int]:
+    """The service's engine counters summed over its engines: read in process when the
+    service is ours, else from its Prometheus /metrics (a session's /v1/stats shows only that
+    session's own calls)."""
+    if server is not None:
+
+        async def read() -> dict[str, int]:
+            engines = [e.stats() for e in server.runtime.engines]
+            return {c: sum(getattr(e, c) for e in engines) for c in _COUNTERS}
+
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(read(), server.loop), loop=asyncio.get_running_loop()
+        )
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key = os.environ.get("PARROT_ACTORS_METRICS_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics", headers=headers) as r:
+        text = await r.text()
+    out = dict.fromkeys(_COUNTERS, 0)
+    for family in text_string_to_metric_families(text):
+        name = family.name.removeprefix("parrot_engine_")
+        if name in out:
+            out[name] = int(sum(s.value for s in family.samples if s.name.endswith("_total")))
+    return out
+
+
+def _tokens(before: dict[str, int], after: dict[str, int]) -> TokenStats:
+    return TokenStats(**{c: after[c] - before[c] for c in _COUNTERS})
 
 
 def _parrot_call(s: object) -> CallRecord:
@@ -183,7 +202,7 @@ async def _drive(
     )
     ctx.bar, ctx.openai = bar, client
     async with pa.Runtime.connect(url, max_connections=512, get_timeout_s=3600.0) as rt:
-        before = await rt.stats()
+        before = await _engine_counters(url, server)
         load0 = os.getloadavg()[0]
         ctx.t0 = time.perf_counter()
         run = scenario.run_parrot if ctx.parrot else scenario.run_baseline
@@ -195,7 +214,8 @@ async def _drive(
                 f"{args.timeout:g} s ({len(ctx.apps)} apps done)"
             ) from None
         wall = ctx.now()
-        after = await rt.stats()
+        await rt.flush()
+        after = await _engine_counters(url, server)
     bar.close()
     await client.close()
     calls = ctx.calls

@@ -247,15 +247,22 @@ async def test_unknown_model_fails_clearly(server):
             await big(pa.Variable("q"))
 
 
-async def test_stats_is_a_coroutine_with_the_embedded_fields(server):
+async def test_stats_is_a_coroutine_with_the_sessions_own_counters(server):
     async with pa.Runtime.connect(server.url) as rt:
         before = await rt.stats()
         await step(pa.Variable("count me"))
         after = await rt.stats()
-    assert after.calls_completed == before.calls_completed + 1
-    assert after.engines["echo0"].generated_tokens - before.engines[
-        "echo0"
-    ].generated_tokens == len(echo("count me"))
+        async with pa.Runtime.connect(server.url) as other:
+            # Another session's work never shows in this one's counters, and vice versa.
+            await step(pa.Variable("someone else"))
+            assert await rt.stats() == after
+            mine = await other.stats()
+    assert (before.calls_submitted, before.calls_completed, before.generated_tokens) == (0, 0, 0)
+    assert (after.calls_submitted, after.calls_completed, after.calls_pending) == (1, 1, 0)
+    assert after.generated_tokens == len(echo("count me"))
+    assert after.prompt_tokens > 0 and not hasattr(after, "engines")
+    assert (mine.calls_completed, mine.generated_tokens) == (1, len(echo("someone else")))
+    assert mine.session_id != after.session_id
 
 
 async def test_closing_the_runtime_fails_pending_variables(server):

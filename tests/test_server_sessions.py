@@ -225,7 +225,13 @@ async def test_bad_input_is_a_4xx_json_error_naming_the_problem(
 async def test_health_and_metrics(http):
     status, health = await api(http, "GET", "/health")
     assert status == 200
-    assert health == {"status": "ok", "engines": 2, "sessions": 0, "models": ["echo", "slow"]}
+    assert health == {
+        "status": "ok",
+        "engines": 2,
+        "sessions": 0,
+        "models": ["echo", "slow"],
+        "unhealthy": {},
+    }
 
     async def scrape() -> str:
         async with http.get("/metrics") as r:
@@ -244,6 +250,8 @@ async def test_health_and_metrics(http):
     assert value(text, health_ok) == before + 3
     assert value(text, 'parrot_engine_kv_blocks_used{engine="slow"}') == 0.0
     assert value(text, 'parrot_engine_kv_blocks_total{engine="echo0"}') == float(1 << 20)
+    assert value(text, 'parrot_engine_up{engine="echo0"}') == 1.0
+    assert 'parrot_engine_restarts_total{engine="slow"} 0.0' in text
     assert value(text, "parrot_sessions") == 0.0
     assert value(text, "parrot_scheduler_ready_calls") == 0.0
     assert 'parrot_http_request_seconds_bucket{le="0.005",route="/health"}' in text

@@ -37,6 +37,7 @@ class EchoEngine:
         self.model_name = model_name
         self.max_len = max_len
         self.delay_s = delay_s
+        self.healthy = True
         self.contexts: dict[str, str] = {}
         self.log: list[tuple[str, str, str]] = []
         self._stats = EngineStats(name=name, model=model_name, kv_blocks_total=1 << 20)
@@ -129,6 +130,9 @@ class EchoEngine:
         self._stats.kv_blocks_used = len(self.contexts)
         self._stats.contexts = len(self.contexts)
         return EngineStats(**{f: getattr(self._stats, f) for f in self._stats.__struct_fields__})
+
+    async def flush(self) -> None:
+        """Nothing to wait for: every operation applies at once."""
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -123,8 +123,13 @@ class RayEngine:
         )
 
     def stats(self) -> EngineStats:
-        """The engine's counters as of the last answer or refresh (a copy)."""
-        return msgspec.structs.replace(self._stats)
+        """The engine's counters as of the last answer or refresh (a copy); `healthy` is False
+        while the actor is lost as well as while its engine rebuilds itself."""
+        return msgspec.structs.replace(self._stats, healthy=self.healthy and self._stats.healthy)
+
+    async def flush(self) -> None:
+        """Nothing to wait for here: each operation is one actor call, applied by the actor's
+        engine before it answers."""
 
     def status(self) -> EngineStatus:
         """Health, incarnation and fault counters."""

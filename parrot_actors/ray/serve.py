@@ -64,14 +64,8 @@ class RaySharedRuntime(SharedRuntime):
         self.proxies = list(await asyncio.gather(*(RayEngine.connect(h) for h in handles)))
         self.engine_specs = list(self.proxies)
         await super().start()
-        for proxy in self.proxies:
-            proxy.add_listener(self._on_health)
+        for proxy in self.proxies:  # the scheduler listens to their health itself
             proxy.start_monitor()
-
-    def _on_health(self, engine: RayEngine) -> None:
-        # A rejoined engine may take calls that are waiting in the queue right now.
-        if engine.healthy and self.scheduler is not None:
-            self.scheduler.dispatch()
 
     async def close(self) -> None:
         """Stop the scheduler and the proxies; disconnect (engines this process created end

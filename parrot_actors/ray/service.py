@@ -94,15 +94,9 @@ class ParrotService:
         proxies = await asyncio.gather(*(RayEngine.connect(h) for h in handles))
         runtime = Runtime(engines=list(proxies), scheduler=self.scheduler_config)
         await runtime.start()
-        for proxy in proxies:
-            proxy.add_listener(self._on_health)
+        for proxy in proxies:  # the scheduler listens to their health itself
             proxy.start_monitor()
         self.proxies, self.runtime = list(proxies), runtime
-
-    def _on_health(self, engine: RayEngine) -> None:
-        # A rejoined engine may take calls that are waiting in the queue right now.
-        if engine.healthy and self.runtime is not None and self.runtime.scheduler is not None:
-            self.runtime.scheduler.dispatch()
 
     async def shutdown(self) -> list[str]:
         """Cancel what runs and stop the scheduler; returns the engine names (engine actors

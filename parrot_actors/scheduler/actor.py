@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import itertools
 import time
+from collections import deque
 
 from parrot_actors.errors import CallError, ParrotError
 from parrot_actors.messages import LATENCY_PRIORITY
@@ -36,9 +37,15 @@ class Scheduler:
     """Places ready calls on engines and runs them.
 
     engines: objects with the engine API (`fill`, `generate`, `free_context`, `stats`,
-    `tokenize`, `name`, `model_name`). event_log: (event, call id, detail) tuples in order:
-    "ready", "dispatch" (detail: engine name), "resolved" (an output; detail: its name; logged by
-    the runtime), "done", "failed".
+    `tokenize`, `name`, `model_name`; `add_listener` if their health can change). event_log:
+    the latest `config.event_log_size` (event, call id, detail) tuples in order: "ready",
+    "dispatch" (detail: engine name), "retry", "resolved" (an output; detail: its name; logged
+    by the runtime), "done", "failed". call_stats: the latest `config.call_stats_size`
+    finished calls' `CallStats`.
+
+    Engine health: an engine that is down takes no new calls; when its loop restarted (its
+    `stats().restarts` grew, or it reported itself unhealthy) its prefix contexts are gone, so
+    their entries are dropped; when it is back, the queue is dispatched again.
     """
 
     def __init__(self, engines: list, config: SchedulerConfig | None = None) -> None:
@@ -46,8 +53,9 @@ class Scheduler:
         self.engines = {e.name: e for e in engines}
         self.ready: dict[int, tuple[SemanticCall, float, int]] = {}
         self.running: dict[int, tuple[SemanticCall, str, asyncio.Task]] = {}
-        self.call_stats: list[CallStats] = []
-        self.event_log: list[tuple[str, int, str]] = []
+        self.call_stats: deque[CallStats] = deque(maxlen=self.config.call_stats_size)
+        self.event_log: deque[tuple[str, int, str]] = deque(maxlen=self.config.event_log_size)
+        self._restarts_seen: dict[str, int] = {}
         self.prefixes = PrefixManager(self.config.static_prefix_cache)
         self._keys: dict[int, list[str]] = {}
         self._used: dict[int, PrefixEntry | None] = {}
@@ -57,6 +65,29 @@ class Scheduler:
         self._background: set[asyncio.Task] = set()
         self._retries: dict[int, int] = {}
         self.on_call_end: list = []  # callbacks(call), once per registered call
+        for engine in engines:
+            add_listener = getattr(engine, "add_listener", None)
+            if add_listener is not None:
+                add_listener(self._on_health)
+
+    def _on_health(self, engine: object) -> None:
+        if not engine.healthy:
+            self._forget_prefixes(engine.name)  # they died with the engine's loop
+        else:
+            self.dispatch()  # calls waiting for this engine may go now
+
+    def _forget_prefixes(self, engine_name: str) -> None:
+        """Drop the prefix entries of an engine whose contexts were lost (freeing them only
+        clears the engine's record of the loss)."""
+        for key, eng in list(self.prefixes.entries):
+            if eng == engine_name:
+                self._spawn(self._free_prefix(self.prefixes._drop(key, eng)))
+
+    def _check_restarts(self, name: str, restarts: int) -> None:
+        seen = self._restarts_seen.setdefault(name, restarts)
+        if restarts != seen:
+            self._restarts_seen[name] = restarts
+            self._forget_prefixes(name)
 
     @property
     def sharing(self) -> bool:
@@ -90,6 +121,7 @@ class Scheduler:
             self._release(call)
 
     def _release(self, call: SemanticCall) -> None:
+        self._retries.pop(call.id, None)
         keys = self._keys.pop(call.id, None)
         if keys is None:
             return
@@ -111,6 +143,7 @@ class Scheduler:
                 continue  # a dead engine (e.g. a Ray actor restarting) takes no new work
             mine = [c for c, e, _ in self.running.values() if e == name]
             s = engine.stats()
+            self._check_restarts(name, s.restarts)
             held = tuple(k for (k, e) in self.prefixes.entries if e == name)
             states.append(
                 EngineState(

@@ -23,6 +23,8 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     min_shared_tokens: token-level matching shares a common prefix at least this long.
     max_retries: times a call is re-run on another engine after its engine died
     (`EngineDiedError`) before any output was delivered; 0 fails it with the error instead.
+    event_log_size / call_stats_size: how many of the latest scheduling events and finished
+    calls' `CallStats` are kept (bounded rings, so a server that runs for weeks stays small).
     """
 
     policy: str = "app"
@@ -34,6 +36,8 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     static_prefix_cache: int = 8
     min_shared_tokens: int = 64
     max_retries: int = 1
+    event_log_size: int = 10_000
+    call_stats_size: int = 10_000
 
     def validate(self) -> SchedulerConfig:
         """Return self or raise `InvalidRequestError` naming the bad field."""
@@ -43,4 +47,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
             raise InvalidRequestError(
                 f"latency_cap={self.latency_cap}, throughput_cap={self.throughput_cap}: must be > 0"
             )
+        for name in ("event_log_size", "call_stats_size", "max_retries"):
+            if getattr(self, name) < 0:
+                raise InvalidRequestError(f"{name}={getattr(self, name)!r}: must be >= 0")
         return self

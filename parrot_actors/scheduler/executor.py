@@ -113,6 +113,11 @@ async def run_call(
             stats.prompt_tokens = stats.prompt_tokens or result.prompt_tokens
             stats.completion_tokens += result.completion_tokens
             stats.decode_s += result.decode_s
+            # Counted before the output resolves, so whoever it wakes sees the tokens.
+            call.prompt_tokens, call.completion_tokens = (
+                stats.prompt_tokens,
+                stats.completion_tokens,
+            )
             piece.var._resolve(result.text)
         call.state = "done"
     except BaseException as exc:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from parrot_actors.scheduler.config import SchedulerConfig
+from parrot_actors.server.auth import auth_middleware
 from parrot_actors.server.config import ServerConfig
 from parrot_actors.server.http import error_middleware, json_response
 from parrot_actors.server.metrics import Metrics
@@ -43,7 +44,11 @@ def create_app(runtime: object, config: ServerConfig | None = None) -> web.Appli
     metrics = Metrics(runtime, lambda: len(sessions))
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[metrics.middleware(), error_middleware],
+        middlewares=[
+            metrics.middleware(),
+            error_middleware,
+            auth_middleware(config.api_key, config.metrics_key),
+        ],
     )
     app[SESSIONS] = sessions
     app[METRICS] = metrics
@@ -53,14 +58,17 @@ def create_app(runtime: object, config: ServerConfig | None = None) -> web.Appli
     openai = OpenAIAPI(router, config, metrics)
 
     async def health(request: web.Request) -> web.Response:
-        return json_response(
-            Health(
-                status="ok",
-                engines=len(router.engines),
-                sessions=len(sessions),
-                models=router.models(),
-            )
+        stats = [e.stats() for e in router.engines]
+        down = {s.name: s.last_error or "down" for s in stats if not s.healthy}
+        status = "ok" if not down else "down" if len(down) == len(stats) else "degraded"
+        body = Health(
+            status=status,
+            engines=len(stats),
+            sessions=len(sessions),
+            models=router.models(),
+            unhealthy=down,
         )
+        return json_response(body, status=200 if not down else 503)
 
     async def prometheus(request: web.Request) -> web.Response:
         body, ctype = metrics.render()

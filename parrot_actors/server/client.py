@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import weakref
 
 import aiohttp
 import msgspec
 
 from parrot_actors.errors import CallError, ParrotError, TemplateError
-from parrot_actors.runtime import CurrentRuntime, RuntimeStats
+from parrot_actors.runtime import CurrentRuntime
 from parrot_actors.server.client_wire import encode_call, error_from_response
 from parrot_actors.server.errors import GetTimeoutError, exception_from
 from parrot_actors.server.protocol import (
     CallAccepted,
     CreateSession,
     SessionCreated,
+    SessionStats,
     SetVariable,
     VariableState,
 )
@@ -37,6 +39,9 @@ from parrot_actors.variables.variable import Variable
 
 log = logging.getLogger("parrot_actors.client")
 
+API_KEY_ENV = "PARROT_ACTORS_API_KEY"
+"""Environment variable holding the service's API key (read by `serve` and by clients)."""
+
 
 class RemoteRuntime(CurrentRuntime):
     """The Parrot API over HTTP, used like `pa.Runtime` (see the module docstring).
@@ -45,7 +50,9 @@ class RemoteRuntime(CurrentRuntime):
     None = the server's default). get_timeout_s: server-side wait of one GET (seconds; the
     client re-asks after a 504). request_timeout_s: limit of every other request (seconds).
     trace_configs: aiohttp `TraceConfig`s (e.g. to count requests). max_connections: pooled
-    keep-alive connections. `requests_sent` counts HTTP requests made.
+    keep-alive connections. api_key: the service's API key (`serve --api-key`), sent as
+    `X-Api-Key` on every request; None reads `PARROT_ACTORS_API_KEY` from the environment.
+    `requests_sent` counts HTTP requests made.
 
     Errors: `submit` raises `CallError` for a cycle or an output that already has a producer
     (as embedded); everything the service rejects surfaces when the affected variable is
@@ -61,6 +68,7 @@ class RemoteRuntime(CurrentRuntime):
         request_timeout_s: float = 60.0,
         trace_configs: list[aiohttp.TraceConfig] | None = None,
         max_connections: int = 64,
+        api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.session_ttl_s = session_ttl_s
@@ -71,6 +79,8 @@ class RemoteRuntime(CurrentRuntime):
         self.session_id: str | None = None
         self.requests_sent = 0
         self._http: aiohttp.ClientSession | None = None
+        api_key = api_key or os.environ.get(API_KEY_ENV)
+        self._key: dict[str, str] = {"X-Api-Key": api_key} if api_key else {}
         self._auth: dict[str, str] = {}
         self._queue: asyncio.Queue | None = None
         self._sender: asyncio.Task | None = None
@@ -285,7 +295,7 @@ class RemoteRuntime(CurrentRuntime):
     ) -> object:
         self.requests_sent += 1
         data = msgspec.json.encode(body) if body is not None else None
-        headers = dict(self._auth)
+        headers = {**self._key, **self._auth}
         if data is not None:
             headers["Content-Type"] = "application/json"
         async with self._http.request(
@@ -310,8 +320,10 @@ class RemoteRuntime(CurrentRuntime):
 
     # ---- introspection ---------------------------------------------------------------------
 
-    async def stats(self) -> RuntimeStats:
-        """The service's counters (all sessions), after everything queued here was sent. A
-        coroutine, unlike the embedded `Runtime.stats()`: `stats = await rt.stats()`."""
+    async def stats(self) -> SessionStats:
+        """This session's own counters (calls by state, prompt and generated tokens), after
+        everything queued here was sent; nothing about other sessions or the engines (those
+        are on the service's /metrics). A coroutine, unlike the embedded `Runtime.stats()`:
+        `stats = await rt.stats()`."""
         await self.flush()
-        return await self._request("GET", "/v1/stats", type_=RuntimeStats)
+        return await self._request("GET", "/v1/stats", type_=SessionStats)

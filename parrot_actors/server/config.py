@@ -19,6 +19,11 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     reap_interval_s: how often idle sessions are looked for (seconds). teardown_s: how long a
     session's end waits for its cancelled calls to free their contexts (seconds).
     default_max_tokens: `max_tokens` of a chat completion that sets none (tokens).
+    api_key: when set, every /v1/* route needs it, as `Authorization: Bearer <key>` or
+    `X-Api-Key: <key>` (session routes carry the session token in `Authorization`, so the key
+    goes in `X-Api-Key` there); 401 otherwise. metrics_key: when set, /health and /metrics need
+    it the same way (else they are open: aggregate counters reveal traffic, so multi-tenant
+    deployments set it).
     """
 
     host: str = "127.0.0.1"
@@ -34,6 +39,8 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     reap_interval_s: float = 1.0
     teardown_s: float = 10.0
     default_max_tokens: int = 256
+    api_key: str | None = None
+    metrics_key: str | None = None
 
     def validate(self) -> ServerConfig:
         """Return self, or raise `InvalidRequestError` naming the bad field."""
@@ -52,4 +59,10 @@ class ServerConfig(msgspec.Struct, kw_only=True):
         ):
             if not getattr(self, name) > 0:
                 raise InvalidRequestError(f"{name}={getattr(self, name)!r}: must be > 0")
+        for name in ("api_key", "metrics_key"):
+            key = getattr(self, name)
+            if key is not None and (len(key) < 8 or not key.isprintable() or " " in key):
+                raise InvalidRequestError(
+                    f"{name}: must be at least 8 printable characters without spaces"
+                )
         return self

@@ -35,6 +35,10 @@ class UnauthorizedError(SessionError):
     """No bearer token, or one that names no live session (never created, deleted, expired)."""
 
 
+class ApiKeyError(UnauthorizedError):
+    """The request lacks the service's API key (or metrics key), or carries a wrong one."""
+
+
 class NotFoundError(ParrotError):
     """A resource the session does not hold: a variable id, a route, a model."""
 
@@ -88,6 +92,7 @@ _CLASSES: dict[str, type[ParrotError]] = {
         BadRequestError,
         PayloadTooLargeError,
         UnauthorizedError,
+        ApiKeyError,
         NotFoundError,
         ConflictError,
         TooManyPendingError,

@@ -11,7 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -22,9 +28,13 @@ _ENGINE_COUNTERS = {
     "prefill_tokens": "tokens whose KV the engine computed",
     "reused_tokens": "tokens whose KV came from a fork or the prefix cache",
     "generated_tokens": "tokens sampled",
-    "preemptions": "generations preempted for recomputation",
+    "preemptions": "running requests preempted for recomputation",
+    "evictions": "idle contexts whose KV was dropped under KV pressure",
+    "steps": "engine steps (forward passes)",
+    "restarts": "rebuilds of the engine after its loop failed",
 }
 _ENGINE_GAUGES = {
+    "up": "1 while the engine serves, 0 while it is down (between a failure and its rebuild)",
     "kv_blocks_used": "KV blocks in use",
     "kv_blocks_total": "KV blocks in the pool",
     "running": "requests in the running batch",
@@ -50,7 +60,7 @@ class _LiveCollector:
         for field, doc in _ENGINE_GAUGES.items():
             fam = GaugeMetricFamily(f"parrot_engine_{field}", doc, labels=["engine"])
             for s in stats:
-                fam.add_metric([s.name], getattr(s, field))
+                fam.add_metric([s.name], int(s.healthy) if field == "up" else getattr(s, field))
             yield fam
         scheduler = getattr(self.runtime, "scheduler", None)
         yield GaugeMetricFamily(
@@ -68,7 +78,8 @@ class _LiveCollector:
 
 class Metrics:
     """The service's metrics: request counters and latency histograms (seconds), OpenAI token
-    counters, variable wait times, and the live engine/scheduler/session gauges."""
+    counters, variable wait times, the live engine/scheduler/session gauges (engine health:
+    `parrot_engine_up`, `parrot_engine_restarts_total`), and the process's own (memory, CPU)."""
 
     def __init__(self, runtime: object, sessions: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -104,6 +115,9 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_LiveCollector(runtime, sessions))
+        # process_resident_memory_bytes and friends: a server that runs for weeks is watched
+        # for growth (Linux only; elsewhere the collector exports nothing).
+        ProcessCollector(registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

@@ -2,19 +2,22 @@
 service unchanged: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or
 not, usage counts, stop, temperature, top_p, max_tokens, n=1, seed).
 
-No session or API key is needed (any `Authorization` header is ignored). Usage counts are
-exact: prompt tokens are the tokenizer's length of the prompt as the engine holds it, completion
-tokens the tokens generated.
+Without `serve --api-key` no key is needed; with it, `Authorization: Bearer <key>` (what the
+openai client sends). Usage counts are exact: prompt tokens are the tokenizer's length of the
+prompt as the engine holds it, completion tokens the tokens generated. A request whose engine
+died under it (`EngineDiedError`) before anything was sent is run again once, on a healthy
+engine (or on the same one once it is rebuilt).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import msgspec
 from aiohttp import web
 
-from parrot_actors.errors import ParrotError
+from parrot_actors.errors import EngineDiedError, ParrotError
 from parrot_actors.messages import LATENCY_PRIORITY, SamplingParams
 from parrot_actors.server.calls import check_sampling
 from parrot_actors.server.config import ServerConfig
@@ -63,9 +66,9 @@ class OpenAIAPI:
         _check_unsupported(req, logprobs=None, echo=False, best_of=1, suffix=None)
         prompt = completion_prompt(req.prompt)
         sampling = _sampling(req, req.max_tokens or DEFAULT_COMPLETION_TOKENS)
-        engine = self.router.pick(req.model)
+        self.router.pick(req.model)  # 404 for an unknown model before anything else
         fmt = TextFormat(req.model)
-        return await self._run(request, engine, prompt, sampling, fmt, req)
+        return await self._run(request, prompt, sampling, fmt, req)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
@@ -74,15 +77,14 @@ class OpenAIAPI:
         _check_unsupported(req, logprobs=False, top_logprobs=0)
         max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
         sampling = _sampling(req, max_tokens)
-        engine = self.router.pick(req.model)
-        prompt = render_chat(engine, req.messages)
+        # Engines serving one model share its tokenizer and chat template.
+        prompt = render_chat(self.router.pick(req.model), req.messages)
         fmt = ChatFormat(req.model)
-        return await self._run(request, engine, prompt, sampling, fmt, req)
+        return await self._run(request, prompt, sampling, fmt, req)
 
     async def _run(
         self,
         request: web.Request,
-        engine: object,
         prompt: str | list[int],
         sampling: SamplingParams,
         fmt: TextFormat | ChatFormat,
@@ -90,9 +92,16 @@ class OpenAIAPI:
     ) -> web.StreamResponse:
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, engine, prompt, sampling, fmt, usage)
-        async with self.router.context(engine, prompt) as (ctx, n_prompt):
-            result = await engine.generate(ctx, sampling, priority=LATENCY_PRIORITY)
+            return await self._stream(request, req.model, prompt, sampling, fmt, usage)
+        for attempt in range(2):
+            engine = self.router.pick(req.model)
+            try:
+                async with self.router.context(engine, prompt) as (ctx, n_prompt):
+                    result = await engine.generate(ctx, sampling, priority=LATENCY_PRIORITY)
+                break
+            except EngineDiedError:
+                if attempt:
+                    raise
         usage = self._count(n_prompt, result.completion_tokens)
         if result.completion_tokens:
             self.metrics.ttft.observe(result.ttft_s)
@@ -101,14 +110,25 @@ class OpenAIAPI:
     async def _stream(
         self,
         request: web.Request,
-        engine: object,
+        model: str,
         prompt: str | list[int],
         sampling: SamplingParams,
         fmt: TextFormat | ChatFormat,
         include_usage: bool,
     ) -> web.StreamResponse:
-        # Fill before answering 200: a prompt the engine refuses is still a plain 4xx.
-        async with self.router.context(engine, prompt) as (ctx, n_prompt):
+        # Fill before answering 200: a prompt the engine refuses is still a plain 4xx, and a
+        # fill whose engine died is run again once.
+        async with contextlib.AsyncExitStack() as stack:
+            for attempt in range(2):
+                engine = self.router.pick(model)
+                try:
+                    ctx, n_prompt = await stack.enter_async_context(
+                        self.router.context(engine, prompt)
+                    )
+                    break
+                except EngineDiedError:
+                    if attempt:
+                        raise
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
             start = time.perf_counter()

@@ -15,7 +15,7 @@ Routes (all but POST /v1/sessions need `Authorization: Bearer <token>`):
   GET    /v1/variables/{id}/stream     same query -> text/event-stream of `token` events, then
                                        one `done` (VariableState) or `error` (ErrorResponse)
   POST   /v1/variables/{id}/cancel     -> CancelResult
-  GET    /v1/stats                     -> RuntimeStats
+  GET    /v1/stats                     -> SessionStats (the session's own counters only)
 """
 
 from __future__ import annotations
@@ -270,9 +270,8 @@ class ParrotAPI:
         )
 
     async def stats(self, request: web.Request) -> web.Response:
-        """GET /v1/stats: the shared runtime's counters (all sessions)."""
-        self.sessions.authenticate(request)
-        return json_response(self.runtime.stats())
+        """GET /v1/stats: the session's own counters; engine-wide ones are on /metrics."""
+        return json_response(self.sessions.authenticate(request).stats())
 
 
 def _retrieve(task: asyncio.Future) -> None:

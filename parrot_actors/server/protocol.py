@@ -191,12 +191,33 @@ class TokenEvent(Response, kw_only=True):
 
 
 class Health(Response, kw_only=True):
-    """GET /health: "ok", engine count, live sessions, served models."""
+    """GET /health: status "ok" (200) when every engine is up, else "degraded" (some down) or
+    "down" (all down), answered with 503; engine count, live sessions, served models, and
+    `unhealthy`: engine name -> its last error, for each engine that is down."""
 
     status: str
     engines: int
     sessions: int
     models: list[str]
+    unhealthy: dict[str, str] = {}
+
+
+class SessionStats(Response, kw_only=True):
+    """GET /v1/stats: the session's own counters, nothing about other sessions or engines.
+
+    calls_submitted / calls_completed / calls_failed / calls_pending: its calls by state.
+    prompt_tokens / generated_tokens: tokens its finished calls consumed and generated. How
+    many of its prompt tokens came from a shared or cached prefix is not reported: that number
+    would tell whether another tenant sent the same text (engine-wide counters are on
+    /metrics, for operators)."""
+
+    session_id: str
+    calls_submitted: int
+    calls_completed: int
+    calls_failed: int
+    calls_pending: int
+    prompt_tokens: int
+    generated_tokens: int
 
 
 # ---- the OpenAI-compatible API ----------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Placing single requests (the OpenAI-compatible API) directly on engines.
 
 These requests are one prompt and one generation each, with no graph around them, so they go
-straight to the least loaded engine that serves the requested model, at latency priority. The
-engine context lives exactly as long as the request: a client that disconnects cancels the
-handler, and the context is freed on the way out.
+straight to the least loaded healthy engine that serves the requested model, at latency
+priority. The engine context lives exactly as long as the request: a client that disconnects
+cancels the handler, and the context is freed on the way out (shielded, so the KV is released
+even then).
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ class EngineRouter:
 
     def pick(self, model: str) -> object:
         """The least loaded engine (running + waiting requests + our requests in flight) that
-        serves `model` (a model name or an engine name). Raises `NotFoundError` (404)."""
-        cands = [e for e in self.engines if model in (e.model_name, e.name)]
+        serves `model` (a model name, an alias such as "default", or an engine name), among the healthy ones when any is
+        (a request sent to an engine that is restarting waits for its rebuild). Raises
+        `NotFoundError` (404)."""
+        cands = [
+            e for e in self.engines if model in (e.model_name, e.name, *getattr(e, "aliases", ()))
+        ]
         if not cands:
             raise NotFoundError(f"model {model!r} is not served; served models: {self.models()}")
+        cands = [e for e in cands if getattr(e, "healthy", True)] or cands
 
         def load(e: object) -> tuple[int, str]:
             s = e.stats()

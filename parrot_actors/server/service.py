@@ -30,10 +30,12 @@ class SharedRuntime(Runtime):
 
     async def release_contexts(self, call_ids: Iterable[int]) -> int:
         """Free the engine contexts that the stopped calls `call_ids` still hold (see
-        `TappedEngine.release`); returns how many there were."""
+        `TappedEngine.release`), and wait until every engine applied the frees already sent
+        (those of cancelled calls included); returns how many contexts were still held."""
         ids = list(call_ids)
         freed = 0
         for engine in self.engines:
             if isinstance(engine, TappedEngine):
                 freed += await engine.release(ids)
+            await engine.flush()
         return freed

@@ -24,7 +24,7 @@ from parrot_actors.server.errors import (
     TooManyPendingError,
     UnauthorizedError,
 )
-from parrot_actors.server.protocol import SessionClosed
+from parrot_actors.server.protocol import SessionClosed, SessionStats
 from parrot_actors.variables.graph import SemanticCall, upstream
 from parrot_actors.variables.variable import Variable
 
@@ -99,6 +99,21 @@ class Session:
                 f"the session has {self.config.max_pending_calls} pending calls, its limit; "
                 "await some results first"
             )
+
+    def stats(self) -> SessionStats:
+        """The session's own counters (see `SessionStats`)."""
+        calls = list(self.calls.values())
+        done = sum(c.state == "done" for c in calls)
+        failed = sum(c.state == "failed" for c in calls)
+        return SessionStats(
+            session_id=self.id,
+            calls_submitted=len(calls),
+            calls_completed=done,
+            calls_failed=failed,
+            calls_pending=len(calls) - done - failed,
+            prompt_tokens=sum(c.prompt_tokens for c in calls),
+            generated_tokens=sum(c.completion_tokens for c in calls),
+        )
 
     def add_call(self, call: SemanticCall) -> None:
         """Remember a submitted call."""

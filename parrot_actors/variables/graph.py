@@ -40,6 +40,8 @@ class SemanticCall:
     objective: None until some `get` downstream deduces it; task_group: id shared by the calls
     whose outputs all feed one consumer (a map stage), else None. wanted: some output has been
     asked for (or the runtime is eager), so the call runs once its inputs resolve.
+    prompt_tokens / completion_tokens: what the call's run consumed and generated (tokens; set
+    when it finishes; a session's own counters are their sums).
     """
 
     function_name: str
@@ -51,6 +53,8 @@ class SemanticCall:
     task_group: int | None = None
     wanted: bool = False
     state: str = "pending"  # pending -> ready -> running -> done | failed
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     @property
     def inputs(self) -> list[Variable]:

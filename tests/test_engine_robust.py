@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+import parrot_actors as pa
 from parrot_actors.engines import Engine, EngineConfig
 from parrot_actors.engines import contexts as contexts_module
 from parrot_actors.errors import (
@@ -320,5 +321,41 @@ async def test_colliding_cache_keys_never_share_kv(monkeypatch):
         fill = await engine.fill("two", token_ids=two)
         assert fill.reused_tokens == 0  # the key matched, the tokens did not
         assert (await engine.generate("two", GREEDY)).token_ids == expected
+    finally:
+        await engine.close()
+
+
+@pa.semantic_function(max_tokens=8)
+def answer(q: pa.Input, a: pa.Output):
+    """You are a careful assistant. You are a careful assistant. You are a careful assistant.
+    You are a careful assistant. You are a careful assistant. You are a careful assistant.
+    Q: {{q}}
+    A: {{a}}"""
+
+
+async def test_after_a_restart_the_scheduler_rebuilds_prefixes_it_held():
+    engine = await Engine.start(tiny_config(restart_backoff_s=0.1))
+    try:
+        async with pa.Runtime(engines=[engine]) as rt:
+
+            async def ask() -> list[str]:
+                return await pa.gather(*[answer(pa.Variable(q)) for q in "xyz"])
+
+            first = await ask()
+            assert len(rt.scheduler.prefixes.entries) == 1  # kept in the static LRU
+            runner = engine.core.runner
+            inner, faults = runner.forward, [1]
+
+            def faulty(*args: object, **kwargs: object) -> torch.Tensor:
+                if faults[0]:
+                    faults[0] -= 1
+                    raise RuntimeError("injected")
+                return inner(*args, **kwargs)
+
+            runner.forward = faulty
+            assert await ask() == first  # died, retried, the lost prefix context rebuilt
+            assert engine.stats().restarts == 1
+            entry = next(iter(rt.scheduler.prefixes.entries.values()))
+            assert entry.context_id in engine.core.contexts  # a live one, not the lost one
     finally:
         await engine.close()

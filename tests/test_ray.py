@@ -330,8 +330,8 @@ async def test_http_service_in_front_of_the_ray_engines(head, expected):
             async with pa.Runtime.connect(server.url) as rt:
                 code, test = apps.snake_game()
                 assert [await code, await test] == expected["snake"]
-                stats = await rt.stats()
-                assert (stats.calls_completed, set(stats.engines)) == (2, set(ENGINES))
+                stats = await rt.stats()  # the session's own view
+                assert (stats.calls_completed, stats.calls_failed) == (2, 0)
             async with aiohttp.ClientSession() as http:
                 assert await completion(http, server.url, stream=False) == expected["completion"]
                 assert await completion(http, server.url, stream=True) == expected["completion"]

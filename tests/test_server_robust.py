@@ -76,7 +76,8 @@ async def test_abort_storm_on_the_real_model():
             _, a, s = await chaos.parrot_app(4)
             status, _ = await health(http, server.url)
     assert (after, a, s) == (before, a_ref, s_ref)
-    assert (after_state.kv_blocks_used, after_state.sessions, status) == (idle.kv_blocks_used, 0, 200)
+    assert (after_state.kv_blocks_used, after_state.sessions) == (idle.kv_blocks_used, 0)
+    assert status == 200
 
 
 async def test_an_engine_fault_is_logged_shown_and_healed_and_calls_are_retried(caplog):
@@ -140,7 +141,8 @@ async def test_api_and_metrics_keys():
             # A session route: the session token in Authorization, the key in X-Api-Key.
             bearer = f"Bearer {token}"
             assert await status("GET", "/v1/stats", Authorization=bearer) == 401
-            assert await status("GET", "/v1/stats", Authorization=bearer, **{"X-Api-Key": key}) == 200
+            both = {"Authorization": bearer, "X-Api-Key": key}
+            assert await status("GET", "/v1/stats", **both) == 200
 
         def openai_calls() -> str:
             good = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)

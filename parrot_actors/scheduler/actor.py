@@ -43,9 +43,10 @@ class Scheduler:
     by the runtime), "done", "failed". call_stats: the latest `config.call_stats_size`
     finished calls' `CallStats`.
 
-    Engine health: an engine that is down takes no new calls; when its loop restarted (its
-    `stats().restarts` grew, or it reported itself unhealthy) its prefix contexts are gone, so
-    their entries are dropped; when it is back, the queue is dispatched again.
+    Engine health: an engine that is down takes no new calls, and when it is back the queue is
+    dispatched again. When its loop was rebuilt (`stats().restarts` changed) its prefix contexts
+    are gone, so their entries are dropped before anything is placed there. (A Ray engine
+    whose actor restarted keeps them: its proxy refills them when next used.)
     """
 
     def __init__(self, engines: list, config: SchedulerConfig | None = None) -> None:
@@ -71,9 +72,7 @@ class Scheduler:
                 add_listener(self._on_health)
 
     def _on_health(self, engine: object) -> None:
-        if not engine.healthy:
-            self._forget_prefixes(engine.name)  # they died with the engine's loop
-        else:
+        if engine.healthy:
             self.dispatch()  # calls waiting for this engine may go now
 
     def _forget_prefixes(self, engine_name: str) -> None:

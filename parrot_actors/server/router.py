@@ -39,9 +39,9 @@ class EngineRouter:
 
     def pick(self, model: str) -> object:
         """The least loaded engine (running + waiting requests + our requests in flight) that
-        serves `model` (a model name, an alias such as "default", or an engine name), among the healthy ones when any is
-        (a request sent to an engine that is restarting waits for its rebuild). Raises
-        `NotFoundError` (404)."""
+        serves `model` (a model name, an alias such as "default", or an engine name), among
+        the healthy ones when any is (a request sent to an engine that is restarting waits for
+        its rebuild). Raises `NotFoundError` (404)."""
         cands = [
             e for e in self.engines if model in (e.model_name, e.name, *getattr(e, "aliases", ()))
         ]

@@ -47,7 +47,8 @@ class Context:
     generate can sample its first token without recomputing anything.
     block_keys: chained keys (`block_key`) of the leading full computed blocks (prefix caching).
     last_used: the engine step at which a request last ran on it (least recently used contexts
-    are evicted first).
+    are evicted first). arrival: the engine's sequence number of the fill that started its current
+    turn (its requests are ranked by it; None until a request arrives).
     """
 
     id: str
@@ -58,6 +59,7 @@ class Context:
     parent_id: str | None = None
     block_keys: list[bytes] = field(default_factory=list)
     last_used: int = 0
+    arrival: int | None = None
 
     @property
     def num_pending(self) -> int:

@@ -70,8 +70,10 @@ class Request:
     done: bool = False
 
     def rank(self) -> tuple[int, int]:
-        """Admission order: lower priority value first, then arrival order."""
-        return (self.priority, self.seq)
+        """Admission order: lower priority value first, then the arrival of the fill that
+        started the context's current turn, so the generate after a fill keeps the place its
+        fill took rather than queueing behind fills of newer contexts."""
+        return (self.priority, self.ctx.arrival if self.ctx.arrival is not None else self.seq)
 
 
 @dataclass
@@ -197,7 +199,7 @@ class EngineCore:
         )
         self._check_fits(req, len(ctx.tokens) + len(token_ids))
         ctx.tokens.extend(token_ids)
-        self.waiting.append(req)
+        self._admit(req)
         return req
 
     def add_generate(
@@ -238,8 +240,15 @@ class EngineCore:
             prompt_tokens=len(ctx.tokens),
         )
         self._check_fits(req, min(len(ctx.tokens) + sampling.max_tokens, self.runner.max_len))
-        self.waiting.append(req)
+        self._admit(req)
         return req
+
+    def _admit(self, req: Request) -> None:
+        # A fill starts a turn on its context; the generate that follows keeps the turn's
+        # place in line (see `Request.rank`).
+        if req.kind == "fill" or req.ctx.arrival is None:
+            req.ctx.arrival = req.seq
+        self.waiting.append(req)
 
     def _check_fits(self, req: Request, tokens: int) -> None:
         need = -(-tokens // self.pool.block_size)
@@ -283,8 +292,8 @@ class EngineCore:
             self._finish_fill(req)
             return True
         if ctx.last_logits is None:
-            # Computed but without logits (e.g. a fork of a context whose tokens were still
-            # pending when it forked): recompute, since sampling needs the last position.
+            # Fully computed yet without the last position's logits (no path leaves a context
+            # so today): recompute it rather than leave the request waiting for nothing.
             self.contexts.drop_kv(ctx)
             return False
         if not req.output_ids:
@@ -375,14 +384,17 @@ class EngineCore:
 
     def _evict_idle(self, req: Request, need: int) -> None:
         """Drop the KV of idle contexts (no running request on them, not `req`'s own) until
-        `need` blocks are free or none is left: least recently used first, preferring those
-        that free a block at once (a parent whose blocks its forks share frees nothing until
-        they go too). A dropped context keeps its tokens and is recomputed when next used."""
+        `need` blocks are free or none is left: those with no request queued first, then least
+        recently used first, preferring those that free a block at once (a parent whose blocks
+        its forks share frees nothing until they go too). A dropped context keeps its tokens
+        and is recomputed when next used."""
         busy = {id(r.ctx) for r in self.running} | {id(req.ctx)}
+        queued = {id(r.ctx) for r in self.waiting}
         while self.pool.num_free < need:
+            # Contexts with a request queued on them go last: they are needed again soon.
             idle = sorted(
                 (c for c in self.contexts if c.blocks and id(c) not in busy),
-                key=lambda c: c.last_used,
+                key=lambda c: (id(c) in queued, c.last_used),
             )
             if not idle:
                 return

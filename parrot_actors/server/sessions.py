@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ from parrot_actors.server.errors import (
 from parrot_actors.server.protocol import SessionClosed, SessionStats
 from parrot_actors.variables.graph import SemanticCall, upstream
 from parrot_actors.variables.variable import Variable
+
+log = logging.getLogger("parrot_actors.server")
 
 _FINISHED = ("done", "failed")
 
@@ -249,7 +252,10 @@ class SessionManager:
             now = time.monotonic()
             for session in list(self.by_token.values()):
                 if session.active == 0 and now - session.last_seen > session.ttl_s:
-                    await self.close(session)
+                    try:
+                        await self.close(session)
+                    except Exception:  # one bad teardown must not end expiry for everyone
+                        log.exception("ending idle session %s failed", session.id)
 
     async def close_all(self) -> None:
         """Stop the reaper and end every session."""

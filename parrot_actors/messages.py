@@ -102,12 +102,14 @@ class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
 
 class TokenDelta(msgspec.Struct, frozen=True, kw_only=True):
     """One streamed step of a generation: a new token id and the text it adds (may be "" while
-    a multi-byte character or a possible stop string is still incomplete). `finish_reason` is set
-    on the last delta only."""
+    a multi-byte character or a possible stop string is still incomplete). `finish_reason` and
+    `result` (the whole `GenerateResult`, as `generate` returns it) are set on the last delta
+    only."""
 
     token_id: int
     text: str
     finish_reason: str | None = None
+    result: GenerateResult | None = None
 
 
 class FillResult(msgspec.Struct, frozen=True, kw_only=True):

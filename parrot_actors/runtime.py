@@ -8,6 +8,7 @@ are ready and wanted. Nothing polls and nothing waits on the client (Parrot §5)
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from collections.abc import Sequence
 from typing import TypeVar
@@ -18,6 +19,7 @@ from parrot_actors.engines.engine import Engine, EngineConfig
 from parrot_actors.errors import CallError, TemplateError
 from parrot_actors.messages import EngineStats
 from parrot_actors.scheduler import Scheduler, SchedulerConfig
+from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.graph import (
     SemanticCall,
     assign_task_group,
@@ -145,6 +147,17 @@ class Runtime(CurrentRuntime):
         self.scheduler = Scheduler(self.engines, self.scheduler_config)
         self.scheduler.on_call_end.append(self._call_ended)
 
+    @property
+    def tap(self) -> TokenTap:
+        """Listeners of outputs being generated (see `TokenTap`): the service streams a
+        variable by listening here."""
+        return self.scheduler.tap
+
+    async def flush(self) -> None:
+        """Wait until every engine applied everything sent to it so far (the frees of
+        cancelled calls included)."""
+        await asyncio.gather(*(e.flush() for e in self.engines))
+
     async def close(self) -> None:
         """Cancel what runs and stop the engines this runtime started."""
         if self.scheduler is not None:
@@ -252,6 +265,4 @@ class Runtime(CurrentRuntime):
 async def gather(*variables: Variable, perf: str = "latency") -> list[str]:
     """Await several variables with one objective; returns their values in order (raises the
     first `CallError`)."""
-    import asyncio
-
     return list(await asyncio.gather(*(v.get(perf=perf) for v in variables)))

@@ -81,24 +81,29 @@ async def test_streaming_yields_the_same_tokens_and_text(tiny_engine):
     sp = SamplingParams(max_tokens=10, ignore_eos=True)
     whole = await gen(tiny_engine, "w", sp)
     await tiny_engine.fill("st", token_ids=[3, 4, 5, 6])
-    deltas = [d async for d in await tiny_engine.generate("st", sp, stream=True)]
+    deltas = [d async for d in tiny_engine.generate_stream("st", sp)]
     assert [d.token_id for d in deltas] == whole.token_ids
     assert "".join(d.text for d in deltas) == whole.text
     assert deltas[-1].finish_reason == "length" and all(
-        d.finish_reason is None for d in deltas[:-1]
+        d.finish_reason is None and d.result is None for d in deltas[:-1]
+    )
+    last = deltas[-1].result
+    assert (last.token_ids, last.text, last.finish_reason) == (
+        whole.token_ids,
+        whole.text,
+        "length",
     )
     await tiny_engine.free_context("st")
 
 
 async def test_closing_a_stream_early_cancels_and_frees(tiny_engine):
     await tiny_engine.fill("c", token_ids=[3, 4, 5, 6])
-    stream = await tiny_engine.generate(
-        "c", SamplingParams(max_tokens=400, ignore_eos=True), stream=True
-    )
+    stream = tiny_engine.generate_stream("c", SamplingParams(max_tokens=400, ignore_eos=True))
     async for _ in stream:
         break
     await stream.aclose()
     await tiny_engine.free_context("c")
+    await tiny_engine.flush()
     assert tiny_engine.stats().running == 0
     assert tiny_engine.stats().kv_blocks_used == 0
 

@@ -65,8 +65,8 @@ class FakeActor:
                 return inc
             if method == "stats":
                 value = None
-            else:
-                value = await getattr(self.engine, method)(*args)
+            else:  # "call": the engine op named first, with its arguments
+                value = await getattr(self.engine, args[0])(*args[1:])
         except pa.ParrotError as exc:
             raise RayTaskError(method, "traceback", exc).as_instanceof_cause() from None
         if self.dead or self.incarnation != born:

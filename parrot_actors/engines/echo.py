@@ -1,13 +1,17 @@
-"""A fake engine with the engine API and no model, for fast tests of the runtime and scheduler.
+"""A fake engine with the engine API (`EngineClient`) and no model, for fast tests of the
+runtime, the scheduler and the servers, and for `--model echo`.
 
 Tokens are characters: a context is a string, and `generate` returns a deterministic function
-of the context text, so tests can check exactly what prompt a call sent. Every call is logged.
+of the context text, so tests can check exactly what prompt a call sent. `generate_stream`
+streams the same text one character per delta. Every call is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 
+from parrot_actors.engines.api import EngineClient, render_messages
 from parrot_actors.errors import ContextNotFoundError, InvalidRequestError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -15,6 +19,7 @@ from parrot_actors.messages import (
     FillResult,
     GenerateResult,
     SamplingParams,
+    TokenDelta,
 )
 
 
@@ -22,8 +27,9 @@ class EchoEngine:
     """Generates `echo(<last 12 characters of the context>)`, cut to `max_tokens` characters.
 
     max_len: contexts longer than this many characters fail with `InvalidRequestError`.
-    delay_s: seconds each generate takes (lets tests overlap calls). log: ("fill" |
-    "generate" | "free", context id, text) in call order.
+    delay_s: seconds each generate takes (lets tests overlap calls; a stream spreads it over its
+    characters). log: ("fill" | "generate" | "free", context id, text) in call order. It never
+    fails on its own, so `healthy` stays True.
     """
 
     def __init__(
@@ -35,6 +41,7 @@ class EchoEngine:
     ) -> None:
         self.name = name
         self.model_name = model_name
+        self.aliases: tuple[str, ...] = ()
         self.max_len = max_len
         self.delay_s = delay_s
         self.healthy = True
@@ -46,9 +53,20 @@ class EchoEngine:
         """Characters are tokens."""
         return [ord(c) for c in text]
 
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Tokens are characters."""
+        return "".join(chr(t) for t in token_ids)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """`<role>content</role>` frames ending in `<assistant>` (it has no chat template)."""
+        return render_messages(None, messages)
+
     def chat_prompt(self, text: str) -> str:
         """`text` wrapped in a minimal chat frame."""
-        return f"<user>{text}</user><assistant>"
+        return self.render_chat([{"role": "user", "content": text}])
+
+    def add_listener(self, fn: Callable[[EngineClient], None]) -> None:
+        """Its health never changes, so `fn` is never called."""
 
     async def fill(
         self,
@@ -97,19 +115,50 @@ class EchoEngine:
         sampling: SamplingParams | None = None,
         parent_context_id: str | None = None,
         priority: int = LATENCY_PRIORITY,
-        stream: bool = False,
     ) -> GenerateResult:
         """Append and return `echo(<last 12 characters>)` (at most max_tokens characters)."""
+        result = self._answer(context_id, sampling, parent_context_id)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        self._commit(context_id, result)
+        return result
+
+    async def generate_stream(
+        self,
+        context_id: str,
+        sampling: SamplingParams | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+    ) -> AsyncIterator[TokenDelta]:
+        """`generate`, one character per delta; the text enters the context as it streams."""
+        result = self._answer(context_id, sampling, parent_context_id)
+        for i, ch in enumerate(result.text):
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s / len(result.text))
+            if context_id in self.contexts:  # freed meanwhile: nothing to append to
+                self.contexts[context_id] += ch
+            self._stats.generated_tokens += 1
+            last = i == len(result.text) - 1
+            yield TokenDelta(
+                token_id=ord(ch),
+                text=ch,
+                finish_reason=result.finish_reason if last else None,
+                result=result if last else None,
+            )
+
+    def _answer(
+        self, context_id: str, sampling: SamplingParams | None, parent_context_id: str | None
+    ) -> GenerateResult:
         sampling = (sampling or SamplingParams()).validate()
+        if parent_context_id is not None:
+            if parent_context_id not in self.contexts:
+                raise ContextNotFoundError(f"context {parent_context_id!r} does not exist")
+            self.contexts[context_id] = self.contexts[parent_context_id]
         if context_id not in self.contexts:
             raise ContextNotFoundError(f"context {context_id!r} does not exist")
         self.log.append(("generate", context_id, ""))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
         ctx = self.contexts[context_id]
         out = f"echo({ctx[-12:]})"[: sampling.max_tokens]
-        self.contexts[context_id] = ctx + out
-        self._stats.generated_tokens += len(out)
         return GenerateResult(
             token_ids=[ord(c) for c in out],
             text=out,
@@ -117,6 +166,11 @@ class EchoEngine:
             prompt_tokens=len(ctx),
             completion_tokens=len(out),
         )
+
+    def _commit(self, context_id: str, result: GenerateResult) -> None:
+        if context_id in self.contexts:  # freed meanwhile: nothing to append to
+            self.contexts[context_id] += result.text
+        self._stats.generated_tokens += len(result.text)
 
     async def free_context(self, context_id: str) -> None:
         """Forget a context."""

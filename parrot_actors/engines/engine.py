@@ -28,13 +28,14 @@ import logging
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
 import torch
 
 from parrot_actors.cuda.backend import make_backend
+from parrot_actors.engines.api import render_messages
 from parrot_actors.engines.core import EngineCore, Request
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.model_loader import DEFAULT_MODEL, load_model, random_model
@@ -391,15 +392,18 @@ class Engine:
         first fill), as the tokenizer adds them to a whole prompt."""
         return list(self.tokenizer.encode(text, add_special_tokens=first))
 
-    def chat_prompt(self, text: str) -> str:
-        """`text` as one user message in the model's chat template, ready for the reply."""
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-
-    def detokenize(self, token_ids: list[int]) -> str:
+    def detokenize(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens skipped."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The conversation in the model's chat template, ready for the reply (see
+        `render_messages`). Raises `InvalidRequestError` when the template refuses it."""
+        return render_messages(self.tokenizer, messages)
+
+    def chat_prompt(self, text: str) -> str:
+        """`text` as one user message in the model's chat template, ready for the reply."""
+        return self.render_chat([{"role": "user", "content": text}])
 
     def _starts_empty(self, context_id: str, parent_context_id: str | None) -> bool:
         # A read of the core (safe during a step): ops on this context and its parent are
@@ -481,19 +485,43 @@ class Engine:
         sampling: SamplingParams | None = None,
         parent_context_id: str | None = None,
         priority: int = LATENCY_PRIORITY,
-        stream: bool = False,
-    ) -> GenerateResult | AsyncIterator[TokenDelta]:
+    ) -> GenerateResult:
         """Generate tokens at the end of a context (forking it from `parent_context_id` first if
-        given); the tokens stay in the context, so later fills continue after them.
-
-        Returns a `GenerateResult`, or with `stream=True` an async iterator of `TokenDelta`s
-        (closing it early cancels the generation).
-        """
+        given); the tokens stay in the context, so later fills continue after them. Returns a
+        `GenerateResult`."""
         self._check_open()
         sampling = (sampling or SamplingParams()).validate()
-        if stream:
-            return self._stream(context_id, sampling, parent_context_id, priority)
         return await self._generate(context_id, sampling, parent_context_id, priority, None)
+
+    async def generate_stream(
+        self,
+        context_id: str,
+        sampling: SamplingParams | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+    ) -> AsyncIterator[TokenDelta]:
+        """`generate` as one `TokenDelta` per token; the last carries `finish_reason` and the
+        `GenerateResult`. Closing the iterator early cancels the generation."""
+        self._check_open()
+        sampling = (sampling or SamplingParams()).validate()
+        queue: asyncio.Queue[TokenDelta | None] = asyncio.Queue()
+        task = asyncio.ensure_future(
+            self._generate(context_id, sampling, parent_context_id, priority, queue.put_nowait)
+        )
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (delta := await queue.get()) is not None:
+                if delta.finish_reason is not None:
+                    # The request finishes in the same step as its last token: its result
+                    # is ready now.
+                    delta = msgspec.structs.replace(delta, result=await task)
+                yield delta
+            await task  # re-raises the generation's error, if any
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EngineError):
+                    await task
 
     async def _generate(
         self,
@@ -520,28 +548,6 @@ class Engine:
                 raise
 
         return await self._in_order(context_id, after, lambda: self._request(admit))
-
-    async def _stream(
-        self,
-        context_id: str,
-        sampling: SamplingParams,
-        parent_context_id: str | None,
-        priority: int,
-    ) -> AsyncIterator[TokenDelta]:
-        queue: asyncio.Queue[TokenDelta | None] = asyncio.Queue()
-        task = asyncio.ensure_future(
-            self._generate(context_id, sampling, parent_context_id, priority, queue.put_nowait)
-        )
-        task.add_done_callback(lambda _: queue.put_nowait(None))
-        try:
-            while (delta := await queue.get()) is not None:
-                yield delta
-            await task  # re-raises the generation's error, if any
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, EngineError):
-                    await task
 
     async def free_context(self, context_id: str) -> None:
         """Cancel the context's running work and release its blocks (blocks shared with forks

@@ -13,16 +13,17 @@ import uuid
 from collections.abc import AsyncIterator
 
 from parrot_actors.engines.engine import Engine, EngineConfig
-from parrot_actors.messages import (
-    LATENCY_PRIORITY,
-    SamplingParams,
-    TokenDelta,
-)
+from parrot_actors.errors import InvalidRequestError
+from parrot_actors.messages import TokenDelta
 from parrot_actors.ray.wire import EngineInfo, OpResult
+
+OPS = frozenset({"fill", "generate", "free_context"})
+"""Engine operations an actor forwards with `call` (streams go through `stream`)."""
 
 
 class EngineActor:
-    """Hosts one `Engine` built from `config`; the engine API, plus `info()` and `ping()`.
+    """Hosts one `Engine` built from `config`: the engine API through `call(op, *args)` and
+    `stream(*args)`, plus `info()`, `tokenizer()`, `stats()` and `ping()`.
     group: the id (hex) of the placement group it was placed in (for `shutdown_deployment`).
 
     Operations answer an `OpResult`: the result with the incarnation and the engine's stats
@@ -72,52 +73,22 @@ class EngineActor:
         engine = await self._get()
         return OpResult(None, self.incarnation, engine.stats())
 
-    async def fill(
-        self,
-        context_id: str,
-        token_ids: list[int] | None = None,
-        text: str | None = None,
-        parent_context_id: str | None = None,
-        priority: int = LATENCY_PRIORITY,
-    ) -> OpResult:
-        """`Engine.fill`; the value is a `FillResult`."""
+    async def call(self, op: str, *args: object) -> OpResult:
+        """`engine.<op>(*args)` for op in `OPS` (the engine API's signatures, forwarded as
+        they are); the value is the operation's result. Raises `InvalidRequestError` for any
+        other op, and the engine's own errors."""
+        if op not in OPS:
+            raise InvalidRequestError(f"engine actor op {op!r}: allowed are {sorted(OPS)}")
         engine = await self._get()
-        result = await engine.fill(context_id, token_ids, text, parent_context_id, priority)
+        result = await getattr(engine, op)(*args)
         return OpResult(result, self.incarnation, engine.stats())
 
-    async def generate(
-        self,
-        context_id: str,
-        sampling: SamplingParams | None = None,
-        parent_context_id: str | None = None,
-        priority: int = LATENCY_PRIORITY,
-    ) -> OpResult:
-        """`Engine.generate` (whole result); the value is a `GenerateResult`."""
-        engine = await self._get()
-        result = await engine.generate(context_id, sampling, parent_context_id, priority)
-        return OpResult(result, self.incarnation, engine.stats())
-
-    async def generate_stream(
-        self,
-        context_id: str,
-        sampling: SamplingParams | None = None,
-        parent_context_id: str | None = None,
-        priority: int = LATENCY_PRIORITY,
-    ) -> AsyncIterator[TokenDelta]:
-        """`Engine.generate(stream=True)`: one `TokenDelta` per token. Call it with
+    async def stream(self, *args: object) -> AsyncIterator[TokenDelta]:
+        """`engine.generate_stream(*args)`: one `TokenDelta` per token. Call it with
         `num_returns="streaming"` (Ray generators); cancelling the generator ref stops it."""
         engine = await self._get()
-        stream = await engine.generate(
-            context_id, sampling, parent_context_id, priority, stream=True
-        )
-        async for delta in stream:
+        async for delta in engine.generate_stream(*args):
             yield delta
-
-    async def free_context(self, context_id: str) -> OpResult:
-        """`Engine.free_context`; the value is None."""
-        engine = await self._get()
-        await engine.free_context(context_id)
-        return OpResult(None, self.incarnation, engine.stats())
 
     async def close(self) -> None:
         """Stop the engine (its requests fail with `EngineError`)."""

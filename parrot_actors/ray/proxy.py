@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from parrot_actors.engines.api import EngineClient, Tokenizer, render_messages
 from parrot_actors.errors import ContextNotFoundError, EngineDiedError, EngineError, ParrotError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -67,7 +68,7 @@ class RayEngine:
         self,
         handle: object,
         info: EngineInfo,
-        tokenizer: object,
+        tokenizer: Tokenizer,
         monitor_interval_s: float = 1.0,
         probe_interval_s: float = 0.25,
         probe_timeout_s: float = 300.0,
@@ -90,7 +91,7 @@ class RayEngine:
         self._tag = uuid.uuid4().hex[:8]
         self._ctx: dict[str, _Ctx] = {}
         self._replays: dict[str, asyncio.Future] = {}
-        self._listeners: list[Callable[[RayEngine], None]] = []
+        self._listeners: list[Callable[[EngineClient], None]] = []
         self._recovery: asyncio.Task | None = None
         self._monitor: asyncio.Task | None = None
 
@@ -112,15 +113,18 @@ class RayEngine:
         """Token ids of `text`; special tokens only when `first` (as `Engine.tokenize`)."""
         return list(self.tokenizer.encode(text, add_special_tokens=first))
 
-    def detokenize(self, token_ids: list[int]) -> str:
+    def detokenize(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens skipped."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The conversation in the model's chat template, ready for the reply (see
+        `render_messages`). Raises `InvalidRequestError` when the template refuses it."""
+        return render_messages(self.tokenizer, messages)
+
     def chat_prompt(self, text: str) -> str:
         """`text` wrapped as one user message of the model's chat template."""
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        return self.render_chat([{"role": "user", "content": text}])
 
     def stats(self) -> EngineStats:
         """The engine's counters as of the last answer or refresh (a copy); `healthy` is False
@@ -141,7 +145,7 @@ class RayEngine:
             replays=self.replays,
         )
 
-    def add_listener(self, fn: Callable[[RayEngine], None]) -> None:
+    def add_listener(self, fn: Callable[[EngineClient], None]) -> None:
         """Call `fn(self)` whenever `healthy` changes (e.g. to dispatch on rejoin)."""
         self._listeners.append(fn)
 
@@ -159,8 +163,13 @@ class RayEngine:
         self._check()
         out = await self._run(
             [context_id, parent_context_id],
-            lambda: self.handle.fill.remote(
-                self._rid(context_id), token_ids, text, self._rid(parent_context_id), priority
+            lambda: self.handle.call.remote(
+                "fill",
+                self._rid(context_id),
+                token_ids,
+                text,
+                self._rid(parent_context_id),
+                priority,
             ),
         )
         rec = self._ctx.get(context_id)
@@ -175,22 +184,43 @@ class RayEngine:
         sampling: SamplingParams | None = None,
         parent_context_id: str | None = None,
         priority: int = LATENCY_PRIORITY,
-        stream: bool = False,
-    ) -> GenerateResult | AsyncIterator[TokenDelta]:
-        """`Engine.generate` on the actor: a `GenerateResult`, or with `stream=True` an async
-        iterator of `TokenDelta`s (a Ray streaming generator; closing it early cancels)."""
+    ) -> GenerateResult:
+        """`Engine.generate` on the actor."""
         self._check()
-        if stream:
-            await self._current([context_id, parent_context_id])
-            return self._stream(context_id, sampling, parent_context_id, priority)
         out = await self._run(
             [context_id, parent_context_id],
-            lambda: self.handle.generate.remote(
-                self._rid(context_id), sampling, self._rid(parent_context_id), priority
+            lambda: self.handle.call.remote(
+                "generate", self._rid(context_id), sampling, self._rid(parent_context_id), priority
             ),
         )
         self._generated(context_id, parent_context_id, out.incarnation)
         return out.value
+
+    async def generate_stream(
+        self,
+        context_id: str,
+        sampling: SamplingParams | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+    ) -> AsyncIterator[TokenDelta]:
+        """`Engine.generate_stream` on the actor (a Ray streaming generator; closing the
+        iterator early cancels it)."""
+        self._check()
+        await self._current([context_id, parent_context_id])
+        gen = self.handle.stream.options(num_returns="streaming").remote(
+            self._rid(context_id), sampling, self._rid(parent_context_id), priority
+        )
+        finished = False
+        try:
+            with self._errors():
+                async for ref in gen:
+                    yield await ref
+            finished = True
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):
+                    ray.cancel(gen)
+            self._generated(context_id, parent_context_id, self.incarnation)
 
     async def free_context(self, context_id: str) -> None:
         """`Engine.free_context` on the actor. A context that died with an earlier incarnation
@@ -200,7 +230,7 @@ class RayEngine:
             return
         try:
             with self._errors():
-                out = await self.handle.free_context.remote(self._rid(context_id))
+                out = await self.handle.call.remote("free_context", self._rid(context_id))
             self._observe(out)
         except (ContextNotFoundError, EngineDiedError):
             if rec is None:
@@ -346,35 +376,13 @@ class RayEngine:
         for i, (ids, text) in enumerate(rec.fills):
             parent = self._rid(rec.parent) if i == 0 else None
             with self._errors():
-                out = await self.handle.fill.remote(
-                    self._rid(context_id), ids, text, parent, LATENCY_PRIORITY
+                out = await self.handle.call.remote(
+                    "fill", self._rid(context_id), ids, text, parent, LATENCY_PRIORITY
                 )
             self._observe(out)
         rec.incarnation = out.incarnation if out is not None else self.incarnation
 
     # ---- streaming and errors -----------------------------------------------------------
-
-    async def _stream(
-        self,
-        context_id: str,
-        sampling: SamplingParams | None,
-        parent_context_id: str | None,
-        priority: int,
-    ) -> AsyncIterator[TokenDelta]:
-        gen = self.handle.generate_stream.options(num_returns="streaming").remote(
-            self._rid(context_id), sampling, self._rid(parent_context_id), priority
-        )
-        finished = False
-        try:
-            with self._errors():
-                async for ref in gen:
-                    yield await ref
-            finished = True
-        finally:
-            if not finished:
-                with contextlib.suppress(Exception):
-                    ray.cancel(gen)
-            self._generated(context_id, parent_context_id, self.incarnation)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:

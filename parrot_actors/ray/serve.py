@@ -1,7 +1,7 @@
 """`parrot-actors serve --ray ADDRESS`: the HTTP service in front of a Ray deployment.
 
-The server process runs the scheduler (the unchanged `SharedRuntime`, so token streaming and
-both APIs work as embedded) over `RayEngine` proxies of engine actors on the cluster: the
+The server process runs the scheduler (the unchanged `Runtime`, so token streaming and both
+APIs work as embedded) over `RayEngine` proxies of engine actors on the cluster: the
 actors of a running deployment when they exist (found by engine name), else new ones placed
 by the spawner (tied to this process unless `SpawnOptions.detached`).
 
@@ -21,14 +21,14 @@ from parrot_actors.errors import InvalidRequestError
 from parrot_actors.ray import cluster
 from parrot_actors.ray.proxy import RayEngine
 from parrot_actors.ray.spawn import SpawnOptions, spawn_engines
+from parrot_actors.runtime import Runtime
 from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.server.app import start_server
 from parrot_actors.server.config import ServerConfig
-from parrot_actors.server.service import SharedRuntime
 
 
-class RaySharedRuntime(SharedRuntime):
-    """A `SharedRuntime` whose engines are Ray engine actors (see the module docstring).
+class RaySharedRuntime(Runtime):
+    """A `Runtime` whose engines are Ray engine actors (see the module docstring).
 
     address: the Ray cluster ("auto", "HOST:PORT"). engines: `EngineConfig`s (their names
     select existing actors). scheduler: `SchedulerConfig`. spawn: `SpawnOptions` for engines
@@ -49,7 +49,7 @@ class RaySharedRuntime(SharedRuntime):
             raise InvalidRequestError(
                 f"serving on Ray needs model engines (EngineConfig), got {bad or 'none'}"
             )
-        super().__init__(engines=[], scheduler=scheduler)
+        super().__init__(scheduler=scheduler)
         self.address = address
         self.ray_configs = list(engines)
         self.spawn = spawn or SpawnOptions()

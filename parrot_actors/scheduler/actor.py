@@ -26,6 +26,7 @@ from parrot_actors.scheduler.policy import (
     schedule_fcfs,
 )
 from parrot_actors.scheduler.prefixes import PrefixEntry, PrefixManager
+from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective, prefix_hash
 
 
@@ -65,11 +66,16 @@ class Scheduler:
         self._ctx_ids = itertools.count()
         self._background: set[asyncio.Task] = set()
         self._retries: dict[int, int] = {}
+        self.tap = TokenTap()
         self.on_call_end: list = []  # callbacks(call), once per registered call
         for engine in engines:
             add_listener = getattr(engine, "add_listener", None)
             if add_listener is not None:
                 add_listener(self._on_health)
+
+    def tasks_of(self, call_ids: set[int]) -> list[asyncio.Task]:
+        """The tasks of the running calls among `call_ids` (to wait for their cleanup)."""
+        return [t for cid, (_, _, t) in self.running.items() if cid in call_ids and not t.done()]
 
     def _on_health(self, engine: object) -> None:
         if engine.healthy:
@@ -362,6 +368,7 @@ class Scheduler:
                 prefix=entry,
                 priority=priority,
                 can_retry=self._retries.get(call.id, 0) < self.config.max_retries,
+                tap=self.tap,
             )
         )
         self.running[call.id] = (call, engine_name, task)

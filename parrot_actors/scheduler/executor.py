@@ -12,11 +12,19 @@ import time
 
 import msgspec
 
-from parrot_actors.errors import CallError, EngineDiedError, ParrotError
-from parrot_actors.messages import LATENCY_PRIORITY, THROUGHPUT_PRIORITY, SamplingParams
+from parrot_actors.engines.api import EngineClient
+from parrot_actors.errors import CallError, EngineDiedError, EngineError, ParrotError
+from parrot_actors.messages import (
+    LATENCY_PRIORITY,
+    THROUGHPUT_PRIORITY,
+    GenerateResult,
+    SamplingParams,
+)
 from parrot_actors.scheduler.prefixes import PrefixEntry
+from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective
 from parrot_actors.variables.perf import LATENCY
+from parrot_actors.variables.variable import Variable
 
 
 class CallStats(msgspec.Struct, kw_only=True):
@@ -49,6 +57,26 @@ def priority_of(call: SemanticCall) -> int:
     return LATENCY_PRIORITY if get_perf_objective(call) == LATENCY else THROUGHPUT_PRIORITY
 
 
+async def _streamed(
+    engine: EngineClient,
+    context_id: str,
+    sampling: SamplingParams,
+    priority: int,
+    tap: TokenTap,
+    var: Variable,
+) -> GenerateResult:
+    """`generate` through `generate_stream`, each piece of text emitted to `var`'s listeners;
+    the same `GenerateResult` (carried by the last delta)."""
+    result = None
+    async for delta in engine.generate_stream(context_id, sampling, priority=priority):
+        if delta.text:
+            tap.emit(var, delta.text)
+        result = delta.result or result
+    if result is None:
+        raise EngineError(f"engine {engine.name!r} ended a stream without its result")
+    return result
+
+
 def first_segment(call: SemanticCall, engine: object) -> str:
     """The rendered prompt before the call's first output (chat-wrapped if the call asks).
     Raises `VariableError` if an input has no value yet."""
@@ -70,11 +98,13 @@ async def run_call(
     prefix: PrefixEntry | None = None,
     priority: int = LATENCY_PRIORITY,
     can_retry: bool = False,
+    tap: TokenTap | None = None,
 ) -> None:
     """Run `call` on `engine` in context `context_id`, resolving its outputs in order.
 
     prompt_ids: the tokens of `first_segment(call)`. prefix: a prefix context whose tokens
-    start `prompt_ids`; the call forks it and fills only the rest. On failure every unresolved
+    start `prompt_ids`; the call forks it and fills only the rest. tap: an output someone
+    listens to is streamed, its text emitted piece by piece. On failure every unresolved
     output fails with `CallError` chained to the cause; the context is always freed. If the
     engine died (`EngineDiedError`) before any output resolved and `can_retry`, the call is
     left in state "retry" with its outputs untouched, for the scheduler to run elsewhere.
@@ -105,9 +135,11 @@ async def run_call(
             elif buf:
                 await engine.fill(context_id, text=buf, priority=priority)
             buf = ""
-            result = await engine.generate(
-                context_id, sampling_of(piece.sampling), priority=priority
-            )
+            sampling = sampling_of(piece.sampling)
+            if tap is not None and tap.listening(piece.var):
+                result = await _streamed(engine, context_id, sampling, priority, tap, piece.var)
+            else:
+                result = await engine.generate(context_id, sampling, priority=priority)
             if not stats.ttft_s:
                 stats.ttft_s = time.perf_counter() - start
             stats.prompt_tokens = stats.prompt_tokens or result.prompt_tokens

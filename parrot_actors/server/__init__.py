@@ -12,14 +12,12 @@ from parrot_actors.server.app import Server, create_app, run, start_server
 from parrot_actors.server.background import BackgroundServer
 from parrot_actors.server.client import RemoteRuntime
 from parrot_actors.server.config import ServerConfig
-from parrot_actors.server.service import SharedRuntime
 
 __all__ = [
     "BackgroundServer",
     "RemoteRuntime",
     "Server",
     "ServerConfig",
-    "SharedRuntime",
     "create_app",
     "run",
     "start_server",

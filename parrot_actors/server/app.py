@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from parrot_actors.runtime import Runtime
 from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.server.auth import auth_middleware
 from parrot_actors.server.config import ServerConfig
@@ -24,19 +25,18 @@ from parrot_actors.server.openai_api import OpenAIAPI
 from parrot_actors.server.parrot_api import ParrotAPI
 from parrot_actors.server.protocol import Health
 from parrot_actors.server.router import EngineRouter
-from parrot_actors.server.service import SharedRuntime
 from parrot_actors.server.sessions import SessionManager
 
 log = logging.getLogger("parrot_actors.server")
 
 SESSIONS = web.AppKey("sessions", SessionManager)
 METRICS = web.AppKey("metrics", Metrics)
-RUNTIME = web.AppKey("runtime", object)
+RUNTIME = web.AppKey("runtime", Runtime)
 
 
-def create_app(runtime: object, config: ServerConfig | None = None) -> web.Application:
-    """The service over a started `runtime` (a `SharedRuntime` streams variables token by
-    token; a plain `pa.Runtime` works too, streaming whole values). The app ends every session
+def create_app(runtime: Runtime, config: ServerConfig | None = None) -> web.Application:
+    """The service over a started `runtime` (variables stream token by token through its
+    `tap`). The app ends every session
     on cleanup; closing the runtime stays the caller's job. Raises `InvalidRequestError` for
     a bad config."""
     config = (config or ServerConfig()).validate()
@@ -93,7 +93,7 @@ class Server:
     """A running service: `url`, and `close()` to stop listening, end the sessions and (when
     it started it) close the runtime."""
 
-    def __init__(self, runner: web.AppRunner, url: str, runtime: object, owns: bool) -> None:
+    def __init__(self, runner: web.AppRunner, url: str, runtime: Runtime, owns: bool) -> None:
         self.runner = runner
         self.url = url
         self.runtime = runtime
@@ -110,16 +110,16 @@ async def start_server(
     engines: Sequence[object] | None = None,
     config: ServerConfig | None = None,
     scheduler: SchedulerConfig | None = None,
-    runtime: object | None = None,
+    runtime: Runtime | None = None,
 ) -> Server:
-    """Start a `SharedRuntime` over `engines` (EngineConfigs or engine objects; none: the
+    """Start a `Runtime` over `engines` (EngineConfigs or engine objects; none: the
     default model), or use the started `runtime` given, and serve it on
     `config.host:config.port` (port 0: a free port). Client disconnects cancel their handlers
     (and so their generations). Raises `OSError` when the address is taken."""
     config = (config or ServerConfig()).validate()
     owns = runtime is None
     if runtime is None:
-        runtime = SharedRuntime(engines or [], scheduler)
+        runtime = Runtime(engines=list(engines or []) or None, scheduler=scheduler)
         await runtime.start()
     try:
         runner = web.AppRunner(create_app(runtime, config), handler_cancellation=True)

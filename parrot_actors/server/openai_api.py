@@ -24,7 +24,7 @@ from parrot_actors.server.config import ServerConfig
 from parrot_actors.server.errors import BadRequestError, error_body
 from parrot_actors.server.http import SSE_HEADERS, json_response, read_body, sse_event
 from parrot_actors.server.metrics import Metrics
-from parrot_actors.server.openai_format import ChatFormat, TextFormat, render_chat
+from parrot_actors.server.openai_format import ChatFormat, TextFormat, chat_messages
 from parrot_actors.server.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -33,7 +33,7 @@ from parrot_actors.server.protocol import (
     ModelList,
     Usage,
 )
-from parrot_actors.server.router import EngineRouter, completion_prompt, deltas
+from parrot_actors.server.router import EngineRouter, completion_prompt
 
 DEFAULT_COMPLETION_TOKENS = 16
 """`max_tokens` of a completion that sets none (OpenAI's default)."""
@@ -78,7 +78,7 @@ class OpenAIAPI:
         max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
         sampling = _sampling(req, max_tokens)
         # Engines serving one model share its tokenizer and chat template.
-        prompt = render_chat(self.router.pick(req.model), req.messages)
+        prompt = self.router.pick(req.model).render_chat(chat_messages(req.messages))
         fmt = ChatFormat(req.model)
         return await self._run(request, prompt, sampling, fmt, req)
 
@@ -136,10 +136,8 @@ class OpenAIAPI:
             try:
                 for chunk in fmt.opening():
                     await resp.write(sse_event(msgspec.json.encode(chunk)))
-                stream = await engine.generate(
-                    ctx, sampling, priority=LATENCY_PRIORITY, stream=True
-                )
-                async for delta in deltas(stream):
+                stream = engine.generate_stream(ctx, sampling, priority=LATENCY_PRIORITY)
+                async for delta in stream:
                     if not count:
                         self.metrics.ttft.observe(time.perf_counter() - start)
                     count += 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import uuid
 
-from parrot_actors.server.errors import BadRequestError
 from parrot_actors.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -107,21 +106,10 @@ def message_text(msg: ChatMessage) -> str:
     return "".join(part.text for part in msg.content)
 
 
-def render_chat(engine: object, messages: list[ChatMessage]) -> str:
-    """The prompt of a conversation: the model's chat template with the generation prompt, or
-    (engines without one) `<role>content</role>` frames ending in `<assistant>`. Raises
-    `BadRequestError` when the template rejects the conversation."""
-    msgs = [
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """OpenAI chat messages as `{"role", "content"}` dicts for `EngineClient.render_chat`
+    (a "developer" message is the system's)."""
+    return [
         {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
         for m in messages
     ]
-    tokenizer = getattr(engine, "tokenizer", None)
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja raises its own errors for odd conversations
-            raise BadRequestError(
-                f"messages: the model's chat template refused them: {exc}"
-            ) from None
-    frames = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in msgs)
-    return frames + "<assistant>"

@@ -27,6 +27,7 @@ import msgspec
 from aiohttp import web
 
 from parrot_actors.errors import ParrotError
+from parrot_actors.runtime import Runtime
 from parrot_actors.server.calls import build_call
 from parrot_actors.server.config import ServerConfig
 from parrot_actors.server.errors import GetTimeoutError, TooManyPendingError, error_body
@@ -52,7 +53,6 @@ from parrot_actors.server.protocol import (
     VariableState,
 )
 from parrot_actors.server.sessions import Session, SessionManager
-from parrot_actors.server.tap import TokenTap
 from parrot_actors.variables.perf import OBJECTIVES
 from parrot_actors.variables.variable import Variable
 
@@ -61,13 +61,13 @@ class ParrotAPI:
     """Handlers of the Parrot API over one shared runtime."""
 
     def __init__(
-        self, runtime: object, sessions: SessionManager, config: ServerConfig, metrics: Metrics
+        self, runtime: Runtime, sessions: SessionManager, config: ServerConfig, metrics: Metrics
     ) -> None:
         self.runtime = runtime
         self.sessions = sessions
         self.config = config
         self.metrics = metrics
-        self.tap: TokenTap = getattr(runtime, "tap", None) or TokenTap()
+        self.tap = runtime.tap
         self._background: set[asyncio.Task] = set()
 
     def routes(self) -> list[web.RouteDef]:
@@ -240,7 +240,7 @@ class ParrotAPI:
             body = msgspec.json.encode(ErrorResponse(error=state.error))
             await resp.write(sse_event(body, "error"))
             return
-        # Tokens that came before we listened (or from an untapped engine) go as one event.
+        # Tokens that came before we listened go as one event.
         if (
             state.value is not None
             and state.value.startswith(sent)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from parrot_actors.errors import ParrotError
+from parrot_actors.runtime import Runtime
 from parrot_actors.server.config import ServerConfig
 from parrot_actors.server.errors import (
     ConflictError,
@@ -149,7 +150,7 @@ class SessionManager:
     teardown, so KV is free when DELETE answers).
     """
 
-    def __init__(self, runtime: object, config: ServerConfig) -> None:
+    def __init__(self, runtime: Runtime, config: ServerConfig) -> None:
         self.runtime = runtime
         self.config = config
         self.by_token: dict[str, Session] = {}
@@ -222,25 +223,13 @@ class SessionManager:
         )
 
     async def reclaim(self, call_ids: list[int]) -> None:
-        """Wait up to `config.teardown_s` seconds for the cancelled calls `call_ids` to stop,
-        then free any engine context they left behind."""
-        tasks = self._tasks_of(set(call_ids))
+        """Wait up to `config.teardown_s` seconds for the cancelled calls `call_ids` to stop and
+        for the engines to apply their frees."""
+        tasks = self.runtime.scheduler.tasks_of(set(call_ids))
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.teardown_s)
-        release = getattr(self.runtime, "release_contexts", None)
-        if release is not None:
-            await release(call_ids)
-
-    def _tasks_of(self, call_ids: set[int]) -> list[asyncio.Task]:
-        # The scheduler keeps (call, engine, task) per running call; read defensively so a
-        # change there only costs the wait, not the teardown.
-        running = getattr(getattr(self.runtime, "scheduler", None), "running", None) or {}
-        tasks = []
-        for cid in call_ids:
-            entry = running.get(cid)
-            if isinstance(entry, tuple):
-                tasks += [x for x in entry if isinstance(x, asyncio.Task) and not x.done()]
-        return tasks
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.runtime.flush(), self.config.teardown_s)
 
     def start_reaper(self) -> None:
         """Start the task that ends sessions idle for longer than their ttl."""

@@ -293,9 +293,8 @@ async def test_apps_on_ray_equal_the_embedded_runtime(head, expected):
         maps, final = map_app(CHUNKS_A)
         assert [await final] + [m.value() for m in maps] == expected["A"]  # upstream came too
         assert await sampled(pa.Variable("a fox")) == expected["sampled"]
-        stats = await rt.stats()
+        stats = await rt.stats()  # the session's own counters
         assert (stats.calls_completed, stats.calls_failed) == (7, 0)
-        assert set(stats.engines) == set(ENGINES)
         assert stats.generated_tokens >= 3 * 160 + 16  # at least the ignore_eos calls
         assert await rt.health() == dict.fromkeys(ENGINES, True)
         log = await rt.call_log()

@@ -5,11 +5,12 @@ Layout of a deployment, all in the Ray namespace `parrot_actors`:
 - one engine actor per engine (`EngineActor`, named `parrot_actors.engine.<name>`, owned by
   the service actor), each in its own bundle of a placement group ({"CPU": n} or
   {"GPU": 1}), restarted by Ray (`max_restarts`) when it dies;
-- the scheduler: a named, detached service actor (`ParrotService`, named
-  `parrot_actors.scheduler`) running the unchanged `Runtime` + `Scheduler` over local proxies
-  (`RayEngine`) of the engine actors;
-- clients: `pa.Runtime.ray(address)` (a `RayRuntime`) finds the service by name and submits
-  calls to it; `parrot_actors.ray.serve` puts the HTTP service in front of the engines.
+- the service: a named, detached actor (`ServiceActor`, named `parrot_actors.scheduler`)
+  serving the HTTP API (`parrot_actors.server`) over the unchanged `Runtime` + `Scheduler`,
+  whose engines are local proxies (`RayEngine`) of the engine actors;
+- clients: `pa.Runtime.ray(address)` (a `RayRuntime`, which is a `RemoteRuntime`) finds the
+  service by name, asks for its URL and key, and speaks HTTP to it; `parrot_actors.ray.serve`
+  (`parrot-actors serve --ray`) runs the same server in its own process instead.
 
 Nothing outside this package imports Ray, so the rest of parrot_actors works without it.
 """

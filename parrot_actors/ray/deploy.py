@@ -15,7 +15,7 @@ from parrot_actors.engines.engine import EngineConfig
 from parrot_actors.errors import ParrotError, SessionError
 from parrot_actors.ray import cluster
 from parrot_actors.ray.cluster import NAMESPACE, SERVICE_NAME
-from parrot_actors.ray.service import ParrotService
+from parrot_actors.ray.service import ServiceActor
 from parrot_actors.ray.spawn import SpawnOptions, find_engine
 from parrot_actors.scheduler.config import SchedulerConfig
 
@@ -53,18 +53,18 @@ async def connect_service(
     create: bool = True,
     timeout_s: float = 600.0,
 ) -> object:
-    """The started service actor `name`: the running one (its engines and scheduler config
-    win), else a new one over `engine_configs(engines, model)` when `create`. Waits up to
-    `timeout_s` seconds for it to start (engines load their models). Raises `SessionError` when
-    there is none and `create` is False, the engines' build errors, `CapacityError` when the
-    cluster lacks resources, `TimeoutError` past the timeout."""
+    """The started service actor `name` (a `ServiceActor`): the running one (its engines and
+    scheduler config win), else a new one over `engine_configs(engines, model)` when `create`.
+    Waits up to `timeout_s` seconds for it to start (engines load their models). Raises
+    `SessionError` when there is none and `create` is False, the engines' build errors,
+    `CapacityError` when the cluster lacks resources, `TimeoutError` past the timeout."""
     handle = find_service(name)
     created = handle is None
     if handle is None:
         if not create:
             raise SessionError(f"no parrot_actors service named {name!r} on this cluster")
         handle = (
-            ray.remote(ParrotService)
+            ray.remote(ServiceActor)
             .options(
                 name=name,
                 namespace=NAMESPACE,

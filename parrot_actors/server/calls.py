@@ -1,33 +1,21 @@
 """Turning a `SubmitCall` from the wire into a `SemanticCall` of the shared graph.
 
-The wire template uses the placeholder syntax of semantic functions but is taken verbatim (no
-docstring dedent), so the prompt a remote call sends is byte for byte the embedded one. All
-validation happens before anything is registered: a rejected call leaves no trace.
+The wire template is parsed by the semantic functions' own parser (`split_template`) but taken
+verbatim (no docstring dedent), so the prompt a remote call sends is byte for byte the embedded
+one. All validation happens before anything is registered: a rejected call leaves no trace.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from parrot_actors.errors import TemplateError
 from parrot_actors.messages import SamplingParams
 from parrot_actors.server.errors import BadRequestError, ConflictError
 from parrot_actors.server.protocol import Arg, Sampling, SubmitCall
 from parrot_actors.server.sessions import Session
 from parrot_actors.variables.graph import Piece, SemanticCall
+from parrot_actors.variables.template import Slot, Text, split_template
 from parrot_actors.variables.variable import Variable
-
-PLACEHOLDER = re.compile(r"\{\{\s*(?:(\w+)\s*:\s*)?(\w+)\s*\}\}")
-"""`{{name}}` or `{{direction:name}}`, the syntax of semantic function templates."""
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A placeholder of a wire template: `kind` is "input", "output" or "param"."""
-
-    name: str
-    kind: str
 
 
 @dataclass
@@ -45,57 +33,19 @@ class PreparedCall:
 
 
 def parse_wire_template(name: str, template: str, args: dict[str, Arg]) -> list[str | Slot]:
-    """Split `template` into text and `Slot`s, ending with the last output.
+    """Split `template` (taken verbatim) into text and `Slot`s, ending with the last output,
+    with the semantic functions' parser (`split_template`): a plain `{{x}}` is an output if its
+    arg has `sampling`, an input if it has `var`, else a parameter. Raises `TemplateError`
+    (422) as `split_template` does."""
 
-    A plain `{{x}}` is an output if its arg has `sampling`, an input if it has `var`, else a
-    parameter. Raises `TemplateError` naming the placeholder for: an unknown name or direction,
-    an output used twice or read, two outputs with no text between them, an output with no
-    prompt before it, no output at all, or an argument the template never uses.
-    """
-    pieces: list[str | Slot] = []
-    used: dict[str, str] = {}
-    pos = 0
-    for m in PLACEHOLDER.finditer(template):
-        if m.start() > pos:
-            pieces.append(template[pos : m.start()])
-        pos = m.end()
-        word, pname = m.group(1), m.group(2)
-        where = f"in {name!r}: placeholder {m.group(0)!r}"
-        if pname not in args:
-            raise TemplateError(f"{where} has no argument named {pname!r} (args: {sorted(args)})")
-        if word is not None and word not in ("input", "output"):
-            raise TemplateError(f"{where}: unknown direction {word!r}; allowed are input, output")
+    def kind_of(pname: str, word: str | None, where: str) -> str:
         arg = args[pname]
-        kind = word or (
+        return word or (
             "output" if arg.sampling is not None else "input" if arg.var is not None else "param"
         )
-        if kind == "output":
-            _check_output_position(where, pname, pieces, used)
-        elif used.get(pname) == "output":
-            raise TemplateError(f"{where}: {pname!r} is an output and cannot be read")
-        used.setdefault(pname, kind)
-        pieces.append(Slot(pname, kind))
-    unused = sorted(set(args) - set(used))
-    if unused:
-        raise TemplateError(f"in {name!r}: argument(s) {unused} never used in the template")
-    outs = [i for i, p in enumerate(pieces) if isinstance(p, Slot) and p.kind == "output"]
-    if not outs:
-        raise TemplateError(f"in {name!r}: the template has no output placeholder")
-    pieces = pieces[: outs[-1] + 1]
-    first = next(p for p in pieces if not (isinstance(p, str) and not p))
-    if isinstance(first, Slot) and first.kind == "output":
-        raise TemplateError(f"in {name!r}: output {first.name!r} has no prompt before it")
-    return pieces
 
-
-def _check_output_position(
-    where: str, pname: str, pieces: list[str | Slot], used: dict[str, str]
-) -> None:
-    if pname in used:
-        raise TemplateError(f"{where}: {pname!r} is used twice; an output appears once")
-    last = next((p for p in reversed(pieces) if not (isinstance(p, str) and not p.strip())), None)
-    if isinstance(last, Slot) and last.kind == "output":
-        raise TemplateError(f"{where}: outputs {last.name!r} and {pname!r} have no text between")
+    parsed = split_template(name, template, list(args), kind_of, "argument")
+    return [p.text if isinstance(p, Text) else p for p in parsed.pieces]
 
 
 def sampling_items(

@@ -27,6 +27,7 @@ from parrot_actors.server.client_wire import encode_call, error_from_response
 from parrot_actors.server.errors import GetTimeoutError, exception_from
 from parrot_actors.server.protocol import (
     CallAccepted,
+    CallEvents,
     CreateSession,
     SessionCreated,
     SessionStats,
@@ -88,6 +89,7 @@ class RemoteRuntime(CurrentRuntime):
         self._pending_remote: set[str] = set()
         self._vars: weakref.WeakValueDictionary[str, Variable] = weakref.WeakValueDictionary()
         self._fetching: dict[str, asyncio.Task | None] = {}
+        self._call_ids: dict[int, int] = {}  # the service's call id -> ours
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -220,12 +222,13 @@ class RemoteRuntime(CurrentRuntime):
                 return
         req = encode_call(call, self._known)
         try:
-            await self._request("POST", "/v1/calls", req, CallAccepted)
+            accepted = await self._request("POST", "/v1/calls", req, CallAccepted)
         except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             err = CallError(f"{call.function_name}#{call.id}: the service refused it: {exc}")
             err.__cause__ = exc
             self._fail_call(call, err)
             return
+        self._call_ids[accepted.call_id] = call.id
         outputs = {v.id for v in call.outputs}
         for nv in req.variables:
             self._known.add(nv.id)
@@ -319,6 +322,17 @@ class RemoteRuntime(CurrentRuntime):
             log.warning("%s %s failed: %s", method, path, exc)
 
     # ---- introspection ---------------------------------------------------------------------
+
+    def set_api_key(self, api_key: str | None) -> None:
+        """Send `api_key` as `X-Api-Key` from now on (None: none)."""
+        self._key = {"X-Api-Key": api_key} if api_key else {}
+
+    async def call_log(self) -> list[tuple[str, int, str]]:
+        """The service's scheduling events for this session's calls (see `CallEvents`), with
+        this client's call ids (`var.producer.id`), after everything queued here was sent."""
+        await self.flush()
+        got = await self._request("GET", "/v1/events", type_=CallEvents)
+        return [(ev, self._call_ids.get(cid, -1), detail) for ev, cid, detail in got.events]
 
     async def stats(self) -> SessionStats:
         """This session's own counters (calls by state, prompt and generated tokens), after

@@ -16,6 +16,7 @@ Routes (all but POST /v1/sessions need `Authorization: Bearer <token>`):
                                        one `done` (VariableState) or `error` (ErrorResponse)
   POST   /v1/variables/{id}/cancel     -> CancelResult
   GET    /v1/stats                     -> SessionStats (the session's own counters only)
+  GET    /v1/events                    -> CallEvents (scheduling events of the session's calls)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from parrot_actors.server.http import (
 from parrot_actors.server.metrics import Metrics
 from parrot_actors.server.protocol import (
     CallAccepted,
+    CallEvents,
     CancelResult,
     CreateSession,
     CreateVariable,
@@ -82,6 +84,7 @@ class ParrotAPI:
             web.get("/v1/variables/{id}/stream", self.stream_variable),
             web.post("/v1/variables/{id}/cancel", self.cancel_variable),
             web.get("/v1/stats", self.stats),
+            web.get("/v1/events", self.events),
         ]
 
     # ---- sessions ---------------------------------------------------------------------------
@@ -272,6 +275,12 @@ class ParrotAPI:
     async def stats(self, request: web.Request) -> web.Response:
         """GET /v1/stats: the session's own counters; engine-wide ones are on /metrics."""
         return json_response(self.sessions.authenticate(request).stats())
+
+    async def events(self, request: web.Request) -> web.Response:
+        """GET /v1/events: where and how the session's calls ran (see `CallEvents`)."""
+        mine = self.sessions.authenticate(request).calls
+        log = self.runtime.scheduler.event_log
+        return json_response(CallEvents(events=[e for e in log if e[1] in mine]))
 
 
 def _retrieve(task: asyncio.Future) -> None:

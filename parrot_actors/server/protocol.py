@@ -146,6 +146,15 @@ class CallAccepted(Response, kw_only=True):
     outputs: dict[str, str]
 
 
+class CallEvents(Response, kw_only=True):
+    """GET /v1/events: the scheduler's latest events for the session's own calls, in order:
+    (event, call id, detail) with event "ready", "dispatch" (detail: the engine), "retry"
+    (detail: the engine that died under it), "resolved" (detail: the output), "done" or
+    "failed". The scheduler keeps a bounded ring of events, so old ones drop out."""
+
+    events: list[tuple[str, int, str]]
+
+
 class CreateVariable(Request, kw_only=True):
     """POST /v1/variables: a variable with an optional id (else the server picks one), name and
     value (else it is pending until set)."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from parrot_actors.errors import TemplateError
 from parrot_actors.variables.graph import SemanticCall, build_pieces
 from parrot_actors.variables.perf import Output, sampling_keys
-from parrot_actors.variables.template import Slot, Template, Text, parse_template
+from parrot_actors.variables.template import Template, parse_template
 from parrot_actors.variables.variable import Variable
 
 
@@ -33,9 +33,6 @@ class SemanticFunction:
             raise TemplateError(f"in {self.name!r}: cannot evaluate annotations: {exc}") from exc
         params = list(self.signature.parameters)
         self.template: Template = parse_template(self.name, fn.__doc__, annotations, params)
-        first = next(p for p in self.template.pieces if not (isinstance(p, Text) and not p.text))
-        if isinstance(first, Slot) and first.kind == "output":
-            raise TemplateError(f"in {self.name!r}: output {first.name!r} has no prompt before it")
         self.defaults = dict(defaults)
         self.output_sampling = {
             name: dict(annotations[name].sampling)

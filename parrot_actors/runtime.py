@@ -9,68 +9,26 @@ are ready and wanted. Nothing polls and nothing waits on the client (Parrot §5)
 from __future__ import annotations
 
 import asyncio
-import contextvars
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import msgspec
 
+from parrot_actors.engines.api import EngineClient
 from parrot_actors.engines.engine import Engine, EngineConfig
 from parrot_actors.errors import CallError, TemplateError
 from parrot_actors.messages import EngineStats
 from parrot_actors.scheduler import Scheduler, SchedulerConfig
 from parrot_actors.scheduler.tap import TokenTap
+from parrot_actors.variables.current import CurrentRuntime
 from parrot_actors.variables.graph import (
     SemanticCall,
     assign_task_group,
     check_acyclic,
     mark_objective,
 )
+from parrot_actors.variables.lifecycle import CallState, advance, finished
 from parrot_actors.variables.variable import Variable
-
-_current: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
-    "parrot_actors_runtime", default=None
-)
-
-
-def current_runtime() -> Runtime:
-    """The runtime of the enclosing `async with pa.Runtime(...)`. Raises `TemplateError` when
-    there is none."""
-    rt = _current.get()
-    if rt is None:
-        raise TemplateError(
-            "no runtime is active: call semantic functions inside "
-            "`async with pa.Runtime(...) as rt:`"
-        )
-    return rt
-
-
-_R = TypeVar("_R", bound="CurrentRuntime")
-
-
-class CurrentRuntime:
-    """`async with` support shared by every runtime (embedded, HTTP, Ray): `start()`, then
-    make the runtime current for semantic function calls; on exit, restore the previous one
-    and `close()`. Subclasses define `start` and `close`."""
-
-    _token: contextvars.Token | None = None
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self: _R) -> _R:
-        await self.start()
-        self._token = _current.set(self)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._token is not None:
-            _current.reset(self._token)
-            self._token = None
-        await self.close()
 
 
 class RuntimeStats(msgspec.Struct, kw_only=True):
@@ -96,36 +54,25 @@ class Runtime(CurrentRuntime):
     def __init__(
         self,
         model: str = "default",
-        engines: Sequence[object] | None = None,
+        engines: Sequence[EngineConfig | EngineClient] | None = None,
         scheduler: SchedulerConfig | None = None,
         eager: bool = False,
     ) -> None:
         self.engine_specs = list(engines) if engines else [EngineConfig(model=model)]
         self.scheduler_config = (scheduler or SchedulerConfig()).validate()
         self.eager = eager
-        self.engines: list = []
+        self.engines: list[EngineClient] = []
         self.scheduler: Scheduler | None = None
         self.calls: dict[int, SemanticCall] = {}  # submitted and not finished
         self.calls_completed = 0
         self.calls_failed = 0
-        self._owned: list = []
+        self._owned: list[EngineClient] = []
 
-    @staticmethod
-    def connect(url: str, **kwargs: object) -> object:
-        """The same API against a running service at `url` (see `parrot_actors.server.client`):
-        `async with pa.Runtime.connect("http://127.0.0.1:9000") as rt: ...`."""
-        from parrot_actors.server.client import RemoteRuntime
-
-        return RemoteRuntime(url, **kwargs)
-
-    @staticmethod
-    def ray(address: str = "auto", **kwargs: object) -> object:
-        """The same API on a Ray cluster (see `parrot_actors.ray`): engines and the scheduler
-        run as Ray actors; `async with pa.Runtime.ray(address="auto", engines=2) as rt: ...`.
-        Needs the `[ray]` extra."""
-        from parrot_actors.ray.client import RayRuntime
-
-        return RayRuntime(address, **kwargs)
+    connect: ClassVar[Callable[..., CurrentRuntime]]
+    """`pa.Runtime.connect(url, ...)`: `pa.connect` (a `RemoteRuntime`; wired by the package
+    root, so this module imports no client)."""
+    ray: ClassVar[Callable[..., CurrentRuntime]]
+    """`pa.Runtime.ray(address, ...)`: `pa.ray` (a `RayRuntime`)."""
 
     async def start(self) -> None:
         """Start the engines (loading models) and the scheduler."""
@@ -177,70 +124,68 @@ class Runtime(CurrentRuntime):
         for v in call.inputs:
             v.consumers.append(call)
         for v in call.inputs + call.outputs:
-            self._track(v)
+            if not v.owned_by(self):
+                v.attach(self)
         self.calls[call.id] = call
         self.scheduler.register(call)
         assign_task_group(call)
-        failed = [v for v in call.inputs if v.done() and v._error is not None]
+        failed = [v for v in call.inputs if v.done() and v.error is not None]
         if failed:
             self._fail_call(call, failed[0])
             return
-        if self.eager or any(v._waiters for v in call.outputs):
+        if self.eager or any(v.awaited for v in call.outputs):
             call.wanted = True
         self._maybe_ready(call)
 
     def _call_ended(self, call: SemanticCall) -> None:
         # Finished calls leave the table so a long-running service does not grow without bound;
         # the graph stays reachable through the variables the app still holds.
-        if self.calls.pop(call.id, None) is not None and call.state != "done":
+        if self.calls.pop(call.id, None) is not None and call.state is not CallState.DONE:
             self.calls_failed += 1
 
-    def _track(self, var: Variable) -> None:
-        if var._on_demand == self._demand:  # bound methods compare equal, never identical
-            return
-        var._on_demand = self._demand
-        var._on_cancel = self._cancel
-        var._add_listener(self._resolved)
+    def _maybe_ready(self, call: SemanticCall) -> None:
+        if call.state is CallState.PENDING and call.wanted and call.is_ready():
+            advance(call, CallState.READY)
+            self.scheduler.enqueue(call)
 
-    def _demand(self, var: Variable, perf: str) -> None:
+    def _fail_call(self, call: SemanticCall, cause_var: Variable) -> None:
+        if not advance(call, CallState.FAILED):
+            return
+        self.scheduler.cancel(call)
+        for out in call.outputs:
+            err = CallError(f"{call.function_name}#{call.id}: input {cause_var.name!r} failed")
+            err.__cause__ = cause_var.error
+            out.fail(err)
+
+    # ---- what variables report (`VariableOwner`) ---------------------------------------------
+
+    def on_demand(self, var: Variable, perf: str) -> None:
+        """Someone awaits `var`: its producer and everything upstream are wanted with `perf`."""
         for call in mark_objective(var, perf):
             self._maybe_ready(call)
 
-    def _maybe_ready(self, call: SemanticCall) -> None:
-        if call.state == "pending" and call.wanted and call.is_ready():
-            call.state = "ready"
-            self.scheduler.enqueue(call)
-
-    def _resolved(self, var: Variable) -> None:
+    def on_settled(self, var: Variable) -> None:
+        """`var` resolved or failed: its consumers become ready, or fail with it."""
         call = var.producer
-        if call is not None and self.scheduler is not None and var._error is None:
+        if call is not None and self.scheduler is not None and var.error is None:
             self.scheduler.event_log.append(("resolved", call.id, var.name))
-            if all(o.done() and o._error is None for o in call.outputs):
+            if all(o.done() and o.error is None for o in call.outputs):
                 self.calls_completed += 1  # counted when the app can see it, not at cleanup
         for call in var.consumers:
-            if var._error is not None:
+            if var.error is not None:
                 self._fail_call(call, var)
             else:
                 self._maybe_ready(call)
 
-    def _fail_call(self, call: SemanticCall, cause_var: Variable) -> None:
-        if call.state in ("done", "failed"):
-            return
-        call.state = "failed"
-        self.scheduler.cancel(call)
-        for out in call.outputs:
-            err = CallError(f"{call.function_name}#{call.id}: input {cause_var.name!r} failed")
-            err.__cause__ = cause_var._error
-            out._fail(err)
-
-    def _cancel(self, var: Variable) -> None:
+    def on_cancel(self, var: Variable) -> None:
+        """The app cancelled `var`: its producer stops and its outputs fail."""
         call = var.producer
-        if call is None or call.state in ("done", "failed"):
+        if call is None or finished(call):
             return
-        call.state = "failed"
+        advance(call, CallState.FAILED)
         self.scheduler.cancel(call)
         for out in call.outputs:
-            out._fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
+            out.fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
 
     # ---- introspection ---------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ Layout of a deployment, all in the Ray namespace `parrot_actors`:
   service by name, asks for its URL and key, and speaks HTTP to it; `parrot_actors.ray.serve`
   (`parrot-actors serve --ray`) runs the same server in its own process instead.
 
-Nothing outside this package imports Ray, so the rest of parrot_actors works without it.
+Nothing outside this package imports Ray, so the rest of parrot_actors works without it. The
+package is callable: `parrot_actors.ray(address, ...)` is `pa.ray`, a `RayRuntime`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,21 @@ except ImportError as exc:  # the optional extra is missing: say how to get it
         "parrot_actors.ray needs Ray: pip install 'parrot_actors[ray]' (ray[default])"
     ) from exc
 
+import sys
+import types
+
 from parrot_actors.ray.client import RayRuntime
 from parrot_actors.ray.cluster import ENGINE_PREFIX, NAMESPACE, SERVICE_NAME
 from parrot_actors.ray.deploy import shutdown_deployment
+
+
+class _CallableModule(types.ModuleType):
+    # Importing this package makes it the attribute `parrot_actors.ray`, where the factory
+    # `pa.ray(...)` stood; calling the package keeps meaning that factory.
+    def __call__(self, address: str = "auto", **kwargs: object) -> RayRuntime:
+        return RayRuntime(address, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["ENGINE_PREFIX", "NAMESPACE", "SERVICE_NAME", "RayRuntime", "shutdown_deployment"]

@@ -28,6 +28,7 @@ from parrot_actors.scheduler.policy import (
 from parrot_actors.scheduler.prefixes import PrefixEntry, PrefixManager
 from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective, prefix_hash
+from parrot_actors.variables.lifecycle import CallState, advance
 
 
 def _token_key(ids: list[int]) -> str:
@@ -329,10 +330,10 @@ class Scheduler:
             self._spawn(self._free_prefix(entry))
 
     def _fail(self, call: SemanticCall, error: CallError) -> None:
-        call.state = "failed"
+        advance(call, CallState.FAILED)
         self.event_log.append(("failed", call.id, str(error)))
         for out in call.outputs:
-            out._fail(error)
+            out.fail(error)
         self._release(call)
 
     def _start(
@@ -343,7 +344,7 @@ class Scheduler:
         info: CallInfo,
         groups: dict[int, tuple],
     ) -> None:
-        call.state = "running"
+        advance(call, CallState.RUNNING)
         self.event_log.append(("dispatch", call.id, engine_name))
         stats = CallStats(
             call_id=call.id,
@@ -376,22 +377,24 @@ class Scheduler:
 
     def _finished(self, call: SemanticCall, stats: CallStats) -> None:
         self.running.pop(call.id, None)
-        if call.state == "retry":
+        if call.state is CallState.RETRY:
             self._retries[call.id] = self._retries.get(call.id, 0) + 1
             self.event_log.append(("retry", call.id, stats.engine))
             entry = self._used.pop(call.id, None)
             if entry is not None:
                 entry.users -= 1
-            call.state = "ready"
+            advance(call, CallState.READY)
             self.ready[call.id] = (call, time.perf_counter(), next(self._seq))
             self.dispatch()
             return
         self.call_stats.append(stats)
-        self.event_log.append(("done" if call.state == "done" else "failed", call.id, ""))
-        if call.state != "done":
+        done = call.state is CallState.DONE
+        self.event_log.append(("done" if done else "failed", call.id, ""))
+        if not done:
+            advance(call, CallState.FAILED)  # cancelled while it ran
             for out in call.outputs:
                 if not out.done():
-                    out._fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
+                    out.fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
         self._release(call)
         self.dispatch()
 

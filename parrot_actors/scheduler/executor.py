@@ -23,6 +23,7 @@ from parrot_actors.messages import (
 from parrot_actors.scheduler.prefixes import PrefixEntry
 from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective
+from parrot_actors.variables.lifecycle import CallState, advance
 from parrot_actors.variables.perf import LATENCY
 from parrot_actors.variables.variable import Variable
 
@@ -107,7 +108,7 @@ async def run_call(
     listens to is streamed, its text emitted piece by piece. On failure every unresolved
     output fails with `CallError` chained to the cause; the context is always freed. If the
     engine died (`EngineDiedError`) before any output resolved and `can_retry`, the call is
-    left in state "retry" with its outputs untouched, for the scheduler to run elsewhere.
+    left in state RETRY with its outputs untouched, for the scheduler to run elsewhere.
     """
     start = time.perf_counter()
     stats.queue_s = start - ready_at
@@ -150,23 +151,23 @@ async def run_call(
                 stats.prompt_tokens,
                 stats.completion_tokens,
             )
-            piece.var._resolve(result.text)
-        call.state = "done"
+            piece.var.resolve(result.text)
+        advance(call, CallState.DONE)
     except BaseException as exc:
         if (
             isinstance(exc, EngineDiedError)
             and can_retry
             and not any(o.done() for o in call.outputs)
         ):
-            call.state = "retry"
+            advance(call, CallState.RETRY)
             return
-        call.state = "failed"
+        advance(call, CallState.FAILED)
         cause = exc if isinstance(exc, ParrotError) else CallError(repr(exc))
         for out in call.outputs:
             if not out.done():
                 err = CallError(f"{call.function_name}#{call.id} failed: {cause}")
                 err.__cause__ = exc
-                out._fail(err)
+                out.fail(err)
         if not isinstance(exc, Exception):
             raise
     finally:

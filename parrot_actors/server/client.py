@@ -22,7 +22,6 @@ import aiohttp
 import msgspec
 
 from parrot_actors.errors import CallError, ParrotError, TemplateError
-from parrot_actors.runtime import CurrentRuntime
 from parrot_actors.server.client_wire import encode_call, error_from_response
 from parrot_actors.server.errors import GetTimeoutError, exception_from
 from parrot_actors.server.protocol import (
@@ -34,7 +33,9 @@ from parrot_actors.server.protocol import (
     SetVariable,
     VariableState,
 )
+from parrot_actors.variables.current import CurrentRuntime
 from parrot_actors.variables.graph import SemanticCall, check_acyclic
+from parrot_actors.variables.lifecycle import CallState, advance, finished
 from parrot_actors.variables.perf import LATENCY
 from parrot_actors.variables.variable import Variable
 
@@ -131,7 +132,7 @@ class RemoteRuntime(CurrentRuntime):
             self._http = None
         for var in list(self._vars.values()):
             if not var.done():
-                var._fail(CallError(f"variable {var.name!r}: the remote runtime was closed"))
+                var.fail(CallError(f"variable {var.name!r}: the remote runtime was closed"))
 
     # ---- the graph (same contract as Runtime.submit) ---------------------------------------
 
@@ -146,37 +147,35 @@ class RemoteRuntime(CurrentRuntime):
         for v in call.inputs:
             v.consumers.append(call)
         for v in call.inputs + call.outputs:
-            self._track(v)
+            self._vars[v.id] = v
+            if not v.owned_by(self):
+                v.attach(self)
         self._queue.put_nowait(("call", call))
         for v in call.outputs:
-            if v._waiters:  # someone already awaits this variable
-                self._demand(v, LATENCY)
+            if v.awaited:  # someone already awaits this variable
+                self.on_demand(v, LATENCY)
 
-    def _track(self, var: Variable) -> None:
-        if var._on_demand == self._demand:
-            return
-        var._on_demand = self._demand
-        var._on_cancel = self._cancel
-        self._vars[var.id] = var
-        var._add_listener(self._resolved)
+    # ---- what variables report (`VariableOwner`) ---------------------------------------------
 
-    def _demand(self, var: Variable, perf: str) -> None:
+    def on_demand(self, var: Variable, perf: str) -> None:
+        """Someone awaits `var`: ask the service for it (one waiting GET)."""
         # Variables with no producer resolve only by a local set; nothing to ask for.
         if var.producer is None or var.id in self._fetching or self._queue is None:
             return
         self._fetching[var.id] = None
         self._queue.put_nowait(("get", var, perf))
 
-    def _resolved(self, var: Variable) -> None:
-        if var.producer is None and var._error is None and self._queue is not None:
+    def on_settled(self, var: Variable) -> None:
+        """A variable the app set travels to the service (produced ones come from it)."""
+        if var.producer is None and var.error is None and self._queue is not None:
             self._queue.put_nowait(("set", var))
 
-    def _cancel(self, var: Variable) -> None:
+    def on_cancel(self, var: Variable) -> None:
+        """The app cancelled `var`: its call fails here and is cancelled in the service."""
         call = var.producer
-        if call is not None and call.state not in ("done", "failed"):
-            call.state = "failed"
+        if call is not None and advance(call, CallState.FAILED):
             for out in call.outputs:
-                out._fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
+                out.fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
         if self._queue is not None:
             self._queue.put_nowait(("cancel", var))
 
@@ -212,12 +211,12 @@ class RemoteRuntime(CurrentRuntime):
             var.set_result(None)
 
     async def _send_call(self, call: SemanticCall) -> None:
-        if call.state == "failed":  # cancelled before it was sent
+        if call.state is CallState.FAILED:  # cancelled before it was sent
             return
         for v in call.inputs:
-            if v.id not in self._known and v.done() and v._error is not None:
+            if v.id not in self._known and v.done() and v.error is not None:
                 err = CallError(f"{call.function_name}#{call.id}: input {v.name!r} failed")
-                err.__cause__ = v._error
+                err.__cause__ = v.error
                 self._fail_call(call, err)
                 return
         req = encode_call(call, self._known)
@@ -237,9 +236,9 @@ class RemoteRuntime(CurrentRuntime):
         self._known.update(outputs)
 
     def _fail_call(self, call: SemanticCall, err: CallError) -> None:
-        call.state = "failed"
+        advance(call, CallState.FAILED)
         for out in call.outputs:
-            out._fail(err)
+            out.fail(err)
 
     async def _fetch(self, var: Variable, perf: str) -> None:
         try:
@@ -262,20 +261,27 @@ class RemoteRuntime(CurrentRuntime):
         except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             err = CallError(f"getting {var.name!r} from the service failed: {exc}")
             err.__cause__ = exc
-            var._fail(err)
+            var.fail(err)
         finally:
             self._fetching.pop(var.id, None)
 
     def _apply(self, var: Variable, state: VariableState) -> None:
+        touched = [var]
         for vid, value in state.resolved.items():
             other = self._vars.get(vid)
             if other is not None:
                 self._pending_remote.discard(vid)
-                other._resolve(value)
+                other.resolve(value)
+                touched.append(other)
         if state.state == "done":
-            var._resolve(state.value or "")
+            var.resolve(state.value or "")
         elif state.state == "failed" and state.error is not None:
-            var._fail(exception_from(state.error))
+            var.fail(exception_from(state.error))
+        for call in {v.producer for v in touched if v.producer is not None}:
+            # Mirror the calls' ends, as embedded: a call is over once its outputs settled.
+            if not finished(call) and all(o.done() for o in call.outputs):
+                failed = any(o.error is not None for o in call.outputs)
+                advance(call, CallState.FAILED if failed else CallState.DONE)
 
     async def flush(self) -> None:
         """Wait until everything submitted so far has been sent (and answered)."""

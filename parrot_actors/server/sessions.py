@@ -28,11 +28,10 @@ from parrot_actors.server.errors import (
 )
 from parrot_actors.server.protocol import SessionClosed, SessionStats
 from parrot_actors.variables.graph import SemanticCall, upstream
+from parrot_actors.variables.lifecycle import CallState, finished
 from parrot_actors.variables.variable import Variable
 
 log = logging.getLogger("parrot_actors.server")
-
-_FINISHED = ("done", "failed")
 
 
 class Session:
@@ -92,7 +91,7 @@ class Session:
 
     def pending_calls(self) -> int:
         """Calls submitted and not yet done or failed."""
-        for cid in [c for c, call in self.unfinished.items() if call.state in _FINISHED]:
+        for cid in [c for c, call in self.unfinished.items() if finished(call)]:
             del self.unfinished[cid]
         return len(self.unfinished)
 
@@ -107,8 +106,8 @@ class Session:
     def stats(self) -> SessionStats:
         """The session's own counters (see `SessionStats`)."""
         calls = list(self.calls.values())
-        done = sum(c.state == "done" for c in calls)
-        failed = sum(c.state == "failed" for c in calls)
+        done = sum(c.state is CallState.DONE for c in calls)
+        failed = sum(c.state is CallState.FAILED for c in calls)
         return SessionStats(
             session_id=self.id,
             calls_submitted=len(calls),
@@ -206,7 +205,7 @@ class SessionManager:
         free their contexts, and forget its variables."""
         self.by_token.pop(session.token, None)
         session.closed = True
-        cancelled = [c for c in session.calls.values() if c.state not in _FINISHED]
+        cancelled = [c for c in session.calls.values() if not finished(c)]
         for call in cancelled:
             for out in call.outputs:
                 out.cancel()

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable
 
 from parrot_actors.errors import TemplateError
+from parrot_actors.variables.current import current_runtime
 from parrot_actors.variables.graph import SemanticCall, build_pieces
 from parrot_actors.variables.perf import Output, sampling_keys
 from parrot_actors.variables.template import Template, parse_template
@@ -77,8 +78,6 @@ class SemanticFunction:
         return call, [outs[n] for n in self._output_order]
 
     def __call__(self, *args: object, **kwargs: object) -> Variable | tuple[Variable, ...]:
-        from parrot_actors.runtime import current_runtime
-
         runtime = current_runtime()
         call, outs = self.bind(*args, **kwargs)
         runtime.submit(call)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from parrot_actors.errors import CallError
+from parrot_actors.variables.lifecycle import CallState
 from parrot_actors.variables.perf import LATENCY, THROUGHPUT
 from parrot_actors.variables.template import Text
 from parrot_actors.variables.variable import Variable
@@ -52,7 +53,7 @@ class SemanticCall:
     objective: str | None = None
     task_group: int | None = None
     wanted: bool = False
-    state: str = "pending"  # pending -> ready -> running -> done | failed
+    state: CallState = CallState.PENDING  # changed only by `lifecycle.advance`
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from parrot_actors.errors import CallError, ParrotError
 from parrot_actors.variables.perf import LATENCY, check_objective
@@ -20,6 +20,22 @@ class VariableError(ParrotError):
     """A variable was used wrongly (set twice, set while a call produces it)."""
 
 
+class VariableOwner(Protocol):
+    """The runtime a variable reports to (see `Variable.attach`)."""
+
+    def on_demand(self, var: Variable, perf: str) -> None:
+        """Someone awaits `var` with objective `perf`."""
+        ...
+
+    def on_cancel(self, var: Variable) -> None:
+        """The app cancelled `var` (before it settled)."""
+        ...
+
+    def on_settled(self, var: Variable) -> None:
+        """`var` got its value or its error."""
+        ...
+
+
 class Variable:
     """A Semantic Variable (Parrot, OSDI 2024, §4): a text value produced by at most one call
     (its producer) and read by any number of calls (its consumers).
@@ -29,6 +45,8 @@ class Variable:
     producer (once). When it resolves, it notifies the consumers' runtime; nothing polls.
     Errors: `get` raises `CallError` if the producer (or anything upstream) failed or was
     cancelled; `set` raises `VariableError` on a second set or on a produced variable.
+
+    Runtimes use `attach`, `resolve`, `fail`, `error` and `awaited`; apps never need them.
     """
 
     def __init__(self, value: object | None = None, name: str | None = None) -> None:
@@ -40,9 +58,7 @@ class Variable:
         self._error: BaseException | None = None
         self._done = False
         self._waiters: list[asyncio.Future] = []
-        self._listeners: list[Callable[[Variable], None]] = []
-        self._on_demand: Callable[[Variable, str], None] | None = None
-        self._on_cancel: Callable[[Variable], None] | None = None
+        self._owner: VariableOwner | None = None
         if value is not None:
             self.set(value)
 
@@ -70,17 +86,17 @@ class Variable:
             raise VariableError(f"variable {self.name!r} is produced by a call; it cannot be set")
         if self._done:
             raise VariableError(f"variable {self.name!r} is already set")
-        self._resolve(str(value))
+        self.resolve(str(value))
 
     def cancel(self) -> bool:
         """Cancel the variable: its producer stops if it has not finished, and every `get`
         here and downstream raises `CallError`. False if it had already resolved."""
         if self._done:
             return False
-        if self._on_cancel is not None:
-            self._on_cancel(self)
+        if self._owner is not None:
+            self._owner.on_cancel(self)
         if not self._done:
-            self._fail(CallError(f"variable {self.name!r} was cancelled"))
+            self.fail(CallError(f"variable {self.name!r} was cancelled"))
         return True
 
     async def get(self, perf: str = LATENCY) -> str:
@@ -88,8 +104,8 @@ class Variable:
         which the runtime propagates to the producer and everything upstream."""
         check_objective(perf)
         if not self._done:
-            if self._on_demand is not None:
-                self._on_demand(self, perf)
+            if self._owner is not None:
+                self._owner.on_demand(self, perf)
         if not self._done:  # the demand itself may have settled it (e.g. a call that failed)
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
@@ -99,22 +115,38 @@ class Variable:
     def __await__(self) -> Generator[Any, None, str]:
         return self.get().__await__()
 
-    # ---- runtime side ---------------------------------------------------------------------
+    # ---- the runtime's side ------------------------------------------------------------------
 
-    def _add_listener(self, fn: Callable[[Variable], None]) -> None:
-        """Call `fn(self)` when the variable resolves (at once if it already has)."""
+    @property
+    def error(self) -> BaseException | None:
+        """The error of a variable that failed (None while pending or once it has a value)."""
+        return self._error
+
+    @property
+    def awaited(self) -> bool:
+        """True while some `get` waits for the value."""
+        return bool(self._waiters)
+
+    def attach(self, owner: VariableOwner) -> None:
+        """Report demands, cancels and settlement to `owner` (the runtime the variable is used
+        in; a later runtime takes over). Settled already: `owner.on_settled` runs at once."""
+        self._owner = owner
         if self._done:
-            fn(self)
-        else:
-            self._listeners.append(fn)
+            owner.on_settled(self)
 
-    def _resolve(self, value: str) -> None:
+    def owned_by(self, owner: VariableOwner) -> bool:
+        """True if `owner` is the runtime the variable reports to."""
+        return self._owner is owner
+
+    def resolve(self, value: str) -> None:
+        """Settle with `value` (a producer's output); nothing happens once settled."""
         if self._done:
             return
         self._value = value
         self._settle()
 
-    def _fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
+        """Settle with `error`: every `get` here raises it; nothing happens once settled."""
         if self._done:
             return
         self._error = error
@@ -126,6 +158,5 @@ class Variable:
             if not fut.done():
                 fut.set_result(None)
         self._waiters.clear()
-        listeners, self._listeners = self._listeners, []
-        for fn in listeners:
-            fn(self)
+        if self._owner is not None:
+            self._owner.on_settled(self)

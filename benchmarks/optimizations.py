@@ -34,7 +34,7 @@ PARROT = pa.SchedulerConfig()
 
 
 async def runtime(cfg: pa.SchedulerConfig, **engine_kw) -> pa.Runtime:
-    engine = EngineConfig(prefix_caching=cfg.automatic_prefix_caching, **engine_kw)
+    engine = EngineConfig(**engine_kw)  # prefix caching: as the scheduler config says
     rt = pa.Runtime(engines=[engine], scheduler=cfg)
     await rt.__aenter__()
     return rt

@@ -16,7 +16,7 @@ import msgspec
 
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.engines.engine import Engine, EngineConfig
-from parrot_actors.errors import CallError, TemplateError
+from parrot_actors.errors import CallError, InvalidRequestError, TemplateError
 from parrot_actors.messages import EngineStats
 from parrot_actors.scheduler import Scheduler, SchedulerConfig
 from parrot_actors.scheduler.tap import TokenTap
@@ -29,6 +29,21 @@ from parrot_actors.variables.graph import (
 )
 from parrot_actors.variables.lifecycle import CallState, advance, finished
 from parrot_actors.variables.variable import Variable
+
+
+def with_scheduler_caching(spec: EngineConfig, scheduler: SchedulerConfig) -> EngineConfig:
+    """`spec` with the scheduler's `automatic_prefix_caching` applied where the engine left
+    `prefix_caching` unset. Raises `InvalidRequestError` when both are set and disagree (one
+    must not silently override the other)."""
+    wanted = scheduler.automatic_prefix_caching
+    if wanted is None or spec.prefix_caching == wanted:
+        return spec
+    if spec.prefix_caching is None:
+        return msgspec.structs.replace(spec, prefix_caching=wanted)
+    raise InvalidRequestError(
+        f"engine {spec.name!r} sets prefix_caching={spec.prefix_caching} but the scheduler "
+        f"sets automatic_prefix_caching={wanted}: set one of them, or both alike"
+    )
 
 
 class RuntimeStats(msgspec.Struct, kw_only=True):
@@ -81,8 +96,7 @@ class Runtime(CurrentRuntime):
             if isinstance(spec, EngineConfig):
                 if spec.name == "engine0" and i:
                     spec = msgspec.structs.replace(spec, name=f"engine{i}")
-                caching = self.scheduler_config.automatic_prefix_caching
-                spec = msgspec.structs.replace(spec, prefix_caching=caching)
+                spec = with_scheduler_caching(spec, self.scheduler_config)
                 engine = await Engine.start(spec)
                 self._owned.append(engine)
             else:

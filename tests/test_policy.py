@@ -72,6 +72,22 @@ def test_prefix_affinity_up_to_a_load_bound():
     ]
 
 
+def test_calls_sharing_a_prefix_in_one_round_stay_together():
+    # No engine holds the prefix yet: the first sharer picks one, the others follow it (up to
+    # the load bound); a call with another prefix still balances.
+    ready = [lat(i, prefix_keys=("sys",)) for i in range(1, 5)] + [lat(5, prefix_keys=("x",))]
+    out = schedule_app(ready, [eng("a"), eng("b")], affinity_load_bound=8)
+    assert out == [
+        Placement(1, "a"),
+        Placement(2, "a"),
+        Placement(3, "a"),
+        Placement(4, "a"),
+        Placement(5, "b"),
+    ]
+    bounded = schedule_app(ready[:4], [eng("a"), eng("b")], affinity_load_bound=1)
+    assert bounded == [Placement(1, "a"), Placement(2, "a"), Placement(3, "b"), Placement(4, "a")]
+
+
 def test_no_starvation_of_throughput_under_latency_stream():
     engines = [eng("a", running_calls=1)]
     fresh = schedule_app([thr(1, waited_s=0.0), lat(2), lat(3)], engines, throughput_cap=2)

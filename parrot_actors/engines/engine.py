@@ -72,7 +72,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     kv_cache_bytes: memory budget of the KV cache (sets the number of blocks).
     max_batch_tokens: new tokens per step (prefill chunk budget). max_running: sequences per
     step. cascade: use shared-prefix (cascade) decode for forks. prefix_caching: reuse cached
-    full blocks by hash (automatic prefix caching). num_threads: torch CPU threads
+    full blocks by hash (automatic prefix caching); None: as the scheduler's
+    `automatic_prefix_caching` says, on when that is unset too (a runtime refuses an engine and
+    a scheduler that set opposite values). num_threads: torch CPU threads
     (None = torch's default). restart_backoff_s: seconds between a failure of the engine loop
     and the rebuild of its core (doubles while failures repeat, up to 30 s).
     gil_switch_interval_s: lowers the interpreter's GIL switch interval (`sys.setswitchinterval`,
@@ -96,7 +98,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_batch_tokens: int = 2048
     max_running: int = 64
     cascade: bool = True
-    prefix_caching: bool = True
+    prefix_caching: bool | None = None
     num_threads: int | None = None
     restart_backoff_s: float = 1.0
     gil_switch_interval_s: float | None = 0.0005
@@ -161,7 +163,7 @@ def build_core(config: EngineConfig) -> EngineCore:
         max_batch_tokens=config.max_batch_tokens,
         max_running=config.max_running,
         cascade=config.cascade,
-        prefix_caching=config.prefix_caching,
+        prefix_caching=config.prefix_caching is not False,
         name=config.name,
         model_name=loaded.name,
     )

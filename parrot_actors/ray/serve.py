@@ -21,7 +21,7 @@ from parrot_actors.errors import InvalidRequestError
 from parrot_actors.ray import cluster
 from parrot_actors.ray.proxy import RayEngine
 from parrot_actors.ray.spawn import SpawnOptions, spawn_engines
-from parrot_actors.runtime import Runtime
+from parrot_actors.runtime import Runtime, with_scheduler_caching
 from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.server.app import start_server
 from parrot_actors.server.config import ServerConfig
@@ -51,7 +51,7 @@ class RaySharedRuntime(Runtime):
             )
         super().__init__(scheduler=scheduler)
         self.address = address
-        self.ray_configs = list(engines)
+        self.ray_configs = [with_scheduler_caching(e, self.scheduler_config) for e in engines]
         self.spawn = spawn or SpawnOptions()
         self.proxies: list[RayEngine] = []
         self._connected = False

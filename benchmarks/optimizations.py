@@ -6,7 +6,7 @@
     (250 ms) before sending the next; Parrot submits all five at once. Alone, and beside a
     steady stream of background requests.
 (c) an 8-chunk map-reduce summary: the baseline app sends one call at a time (the
-    request-level app of DESIGN.md), and, as a stronger baseline, all maps at once.
+    request-level app of docs/design.md), and, as a stronger baseline, all maps at once.
 Each mode gets a fresh engine (an empty prefix cache). Usage:
 `python benchmarks/optimizations.py [--system-tokens 1000] [--parts a,b,c] [--json F]`.
 """

@@ -28,6 +28,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -97,7 +98,7 @@ class ChaosReport:
     type such as "http-503"), and the service's state before and after."""
 
     duration_s: float = 0.0
-    outcomes: Counter = field(default_factory=Counter)  # (kind, outcome) -> count
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, outcome) -> n
     examples: dict[str, str] = field(default_factory=dict)  # outcome -> one detail
     before: ServiceState = field(default_factory=ServiceState)
     after: ServiceState = field(default_factory=ServiceState)
@@ -178,13 +179,19 @@ class Chaos:
         self.ref_parrot: dict[int, tuple[str, str]] = {}
         self.http: aiohttp.ClientSession | None = None
 
+    def _http(self) -> aiohttp.ClientSession:
+        """The HTTP session `run` opened. Raises `RuntimeError` outside a run."""
+        if self.http is None:
+            raise RuntimeError("Chaos: no HTTP session (requests are made inside `run`)")
+        return self.http
+
     # ---- the service's state ----------------------------------------------------------------
 
     async def state(self) -> ServiceState:
         """The service's state from /metrics. Raises `aiohttp.ClientError` when unreachable."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        async with self.http.get(self.url + "/metrics", headers=self.metrics_auth) as r:
+        async with self._http().get(self.url + "/metrics", headers=self.metrics_auth) as r:
             r.raise_for_status()
             text = await r.text()
         st = ServiceState()
@@ -214,13 +221,15 @@ class Chaos:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    async def _json(self, method: str, path: str, body: object = None, token: str = "") -> dict:
+    async def _json(
+        self, method: str, path: str, body: object = None, token: str = ""
+    ) -> dict[str, Any]:
         headers = dict(self.key)
         if token:
             headers["Authorization"] = f"Bearer {token}"
         data = body if isinstance(body, bytes) else None
         payload = None if isinstance(body, bytes) or body is None else body
-        async with self.http.request(
+        async with self._http().request(
             method, self.url + path, json=payload, data=data, headers=headers
         ) as r:
             raw = await r.read()
@@ -228,8 +237,8 @@ class Chaos:
                 raise _Outcome(f"http-{r.status}", raw.decode(errors="replace"))
             return json.loads(raw) if raw else {}
 
-    def _completion_body(self, p: int, seed: int | None, stream: bool) -> dict:
-        body = {
+    def _completion_body(self, p: int, seed: int | None, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": self.model,
             "prompt": PROMPTS[p],
             "max_tokens": self.max_tokens,
@@ -245,9 +254,12 @@ class Chaos:
         body = self._completion_body(p, seed, stream)
         if not stream:
             out = await self._json("POST", "/v1/completions", body)
-            return out["choices"][0]["text"]
+            completion: str = out["choices"][0]["text"]
+            return completion
         text = []
-        async with self.http.post(self.url + "/v1/completions", json=body, headers=self.key) as r:
+        async with self._http().post(
+            self.url + "/v1/completions", json=body, headers=self.key
+        ) as r:
             if r.status >= 400:
                 raise _Outcome(f"http-{r.status}", (await r.read()).decode(errors="replace"))
             async for line in r.content:
@@ -328,7 +340,7 @@ class Chaos:
     async def app_openai_abort(self) -> None:
         body = self._completion_body(self.rng.randrange(len(PROMPTS)), None, stream=True)
         body["max_tokens"] = self.max_tokens * 4
-        resp = await self.http.post(self.url + "/v1/completions", json=body, headers=self.key)
+        resp = await self._http().post(self.url + "/v1/completions", json=body, headers=self.key)
         await self._read_then_close(resp)
         raise _Outcome("aborted")
 
@@ -336,7 +348,7 @@ class Chaos:
         token, _, _ = await self.parrot_app(self.rng.randrange(len(PROMPTS)), wait=False)
         headers = {**self.key, "Authorization": f"Bearer {token}"}
         var = self.rng.choice(["a", "s"])
-        resp = await self.http.get(f"{self.url}/v1/variables/{var}/stream", headers=headers)
+        resp = await self._http().get(f"{self.url}/v1/variables/{var}/stream", headers=headers)
         await self._read_then_close(resp)
         raise _Outcome("aborted")  # the session is left to the server's reaper
 
@@ -408,7 +420,7 @@ class Chaos:
                         report.examples.setdefault(outcome, f"{kind}: {detail}")
                     if apps:
                         bar.update(1)
-                    else:
+                    elif duration_s is not None:
                         bar.n = min(duration_s, round(time.monotonic() - start))
                         bar.refresh()
 

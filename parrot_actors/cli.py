@@ -20,13 +20,28 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from parrot_actors.engines.api import EngineClient
+    from parrot_actors.engines.engine import EngineConfig
+    from parrot_actors.runtime import Runtime
+    from parrot_actors.server.client import RemoteRuntime
 
 METRICS_KEY_ENV = "PARROT_ACTORS_METRICS_KEY"
 """Environment variable holding the key of /health and /metrics (`serve --metrics-key`)."""
 
 
-def engine_specs(args: argparse.Namespace) -> list[object]:
+class _ModelOptions(TypedDict, total=False):
+    """`EngineConfig` fields that only some engine options set."""
+
+    random_model: dict[str, Any]
+    kv_cache_bytes: int
+
+
+def engine_specs(args: argparse.Namespace) -> list[EngineConfig | EngineClient]:
     """Engines from the engine options: `--model echo` gives fake EchoEngines (no model; for
     tries and tests), anything else `EngineConfig`s (`--engines` of them)."""
     n = max(1, args.engines)
@@ -36,7 +51,7 @@ def engine_specs(args: argparse.Namespace) -> list[object]:
         return [EchoEngine(name=f"echo{i}") for i in range(n)]
     from parrot_actors.engines.engine import EngineConfig
 
-    extra: dict[str, object] = {}
+    extra: _ModelOptions = {}
     if args.random_model:
         extra["random_model"] = json.loads(args.random_model)
     if args.kv_cache_mb:
@@ -49,18 +64,14 @@ def engine_specs(args: argparse.Namespace) -> list[object]:
     ]
 
 
-def open_runtime(args: argparse.Namespace) -> object:
-    """`pa.Runtime.connect(--url)`, or an embedded `pa.Runtime` over `engine_specs(args)`."""
+def open_runtime(args: argparse.Namespace) -> Runtime | RemoteRuntime:
+    """`pa.connect(--url)` (`pa.Runtime.connect`), or an embedded `pa.Runtime` over
+    `engine_specs(args)`."""
     import parrot_actors as pa
 
     if args.url:
-        return pa.Runtime.connect(args.url, api_key=args.api_key)
+        return pa.connect(args.url, api_key=args.api_key)
     return pa.Runtime(engines=engine_specs(args))
-
-
-async def _stats(rt: object) -> object:
-    stats = rt.stats()  # a coroutine on a remote runtime
-    return await stats if inspect.isawaitable(stats) else stats
 
 
 async def demo(args: argparse.Namespace) -> None:
@@ -90,13 +101,14 @@ async def demo(args: argparse.Namespace) -> None:
         for i, m in enumerate(maps):
             print(f"  map {i}: {m.value().strip()[:160]}")
         print(f"[end-to-end {time.perf_counter() - t0:.2f}s]")
-        stats = await _stats(rt)
-        if args.url:  # a service shows a session its own counters only
+        if not isinstance(rt, pa.Runtime):  # a service shows a session its own counters only
+            session = await rt.stats()  # a coroutine on a remote runtime
             print(
-                f"\nsession stats: calls={stats.calls_completed} prompt={stats.prompt_tokens} "
-                f"generated={stats.generated_tokens}"
+                f"\nsession stats: calls={session.calls_completed} "
+                f"prompt={session.prompt_tokens} generated={session.generated_tokens}"
             )
             return
+        stats = rt.stats()
         print(
             f"\nstats: calls={stats.calls_completed} prefill={stats.prefill_tokens} "
             f"reused={stats.reused_tokens} generated={stats.generated_tokens}"
@@ -105,20 +117,22 @@ async def demo(args: argparse.Namespace) -> None:
             print(f"  {name}: {e}")
 
 
-def load_main(path: str) -> object:
+def load_main(path: str) -> Callable[..., Coroutine[Any, Any, Any]]:
     """The async `main` of the app file at `path`. Raises `SystemExit` with a message when the
     file is missing or has no `async def main`."""
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"parrot-actors run: no such file: {path}")
     spec = importlib.util.spec_from_file_location("__parrot_app__", file)
+    if spec is None or spec.loader is None:  # a file Python cannot import (e.g. no .py)
+        raise SystemExit(f"parrot-actors run: not a Python file: {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules["__parrot_app__"] = module  # dataclasses and pickling look modules up here
     spec.loader.exec_module(module)
-    main = getattr(module, "main", None)
-    if not inspect.iscoroutinefunction(main):
-        raise SystemExit(f"parrot-actors run: {path} has no `async def main()`")
-    return main
+    main: object = getattr(module, "main", None)
+    if inspect.iscoroutinefunction(main):
+        return main
+    raise SystemExit(f"parrot-actors run: {path} has no `async def main()`")
 
 
 async def run_app(args: argparse.Namespace) -> None:
@@ -269,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":  # the scenarios' own parser owns every flag after it
         from scenarios.cli import main as scenarios_main
 
-        return scenarios_main(argv, prog="parrot-actors")
+        code: int = scenarios_main(argv, prog="parrot-actors")  # scenarios are not type-checked
+        return code
     if argv and argv[0] == "chaos":
         from parrot_actors.chaos import main as chaos_main
 

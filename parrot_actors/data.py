@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from parrot_actors.engines.api import Tokenizer
 
 _warned: set[str] = set()
 
@@ -58,7 +62,7 @@ def article(i: int) -> str:
     return read(f"arxiv-march-2023/article_{i % 10}.txt", "the arXiv articles")
 
 
-def truncate_tokens(tokenizer: object, text: str, n: int) -> str:
+def truncate_tokens(tokenizer: Tokenizer, text: str, n: int) -> str:
     """The text of the first `n` tokens of `text`."""
     ids = tokenizer.encode(text, add_special_tokens=False)[:n]
     return tokenizer.decode(ids)

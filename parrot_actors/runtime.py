@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import msgspec
 
@@ -19,6 +19,7 @@ from parrot_actors.engines.engine import Engine, EngineConfig
 from parrot_actors.errors import CallError, InvalidRequestError, TemplateError
 from parrot_actors.messages import EngineStats
 from parrot_actors.scheduler import Scheduler, SchedulerConfig
+from parrot_actors.scheduler.executor import CallStats
 from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.current import CurrentRuntime
 from parrot_actors.variables.graph import (
@@ -29,6 +30,10 @@ from parrot_actors.variables.graph import (
 )
 from parrot_actors.variables.lifecycle import CallState, advance, finished
 from parrot_actors.variables.variable import Variable
+
+if TYPE_CHECKING:
+    from parrot_actors.ray.client import RayRuntime
+    from parrot_actors.server.client import RemoteRuntime
 
 
 def with_scheduler_caching(spec: EngineConfig, scheduler: SchedulerConfig) -> EngineConfig:
@@ -73,7 +78,9 @@ class Runtime(CurrentRuntime):
         scheduler: SchedulerConfig | None = None,
         eager: bool = False,
     ) -> None:
-        self.engine_specs = list(engines) if engines else [EngineConfig(model=model)]
+        self.engine_specs: list[EngineConfig | EngineClient] = (
+            list(engines) if engines else [EngineConfig(model=model)]
+        )
         self.scheduler_config = (scheduler or SchedulerConfig()).validate()
         self.eager = eager
         self.engines: list[EngineClient] = []
@@ -83,10 +90,10 @@ class Runtime(CurrentRuntime):
         self.calls_failed = 0
         self._owned: list[EngineClient] = []
 
-    connect: ClassVar[Callable[..., CurrentRuntime]]
+    connect: ClassVar[Callable[..., RemoteRuntime]]
     """`pa.Runtime.connect(url, ...)`: `pa.connect` (a `RemoteRuntime`; wired by the package
     root, so this module imports no client)."""
-    ray: ClassVar[Callable[..., CurrentRuntime]]
+    ray: ClassVar[Callable[..., RayRuntime]]
     """`pa.Runtime.ray(address, ...)`: `pa.ray` (a `RayRuntime`)."""
 
     async def start(self) -> None:
@@ -97,7 +104,7 @@ class Runtime(CurrentRuntime):
                 if spec.name == "engine0" and i:
                     spec = msgspec.structs.replace(spec, name=f"engine{i}")
                 spec = with_scheduler_caching(spec, self.scheduler_config)
-                engine = await Engine.start(spec)
+                engine: EngineClient = await Engine.start(spec)
                 self._owned.append(engine)
             else:
                 engine = spec
@@ -108,11 +115,16 @@ class Runtime(CurrentRuntime):
         self.scheduler = Scheduler(self.engines, self.scheduler_config)
         self.scheduler.on_call_end.append(self._call_ended)
 
+    def _started(self) -> Scheduler:
+        if self.scheduler is None:
+            raise TemplateError("the runtime is not started: use `async with pa.Runtime(...)`")
+        return self.scheduler
+
     @property
     def tap(self) -> TokenTap:
         """Listeners of outputs being generated (see `TokenTap`): the service streams a
-        variable by listening here."""
-        return self.scheduler.tap
+        variable by listening here. Raises `TemplateError` before `start`."""
+        return self._started().tap
 
     async def flush(self) -> None:
         """Wait until every engine applied everything sent to it so far (the frees of
@@ -141,7 +153,7 @@ class Runtime(CurrentRuntime):
             if not v.owned_by(self):
                 v.attach(self)
         self.calls[call.id] = call
-        self.scheduler.register(call)
+        self._started().register(call)
         assign_task_group(call)
         failed = [v for v in call.inputs if v.done() and v.error is not None]
         if failed:
@@ -160,12 +172,12 @@ class Runtime(CurrentRuntime):
     def _maybe_ready(self, call: SemanticCall) -> None:
         if call.state is CallState.PENDING and call.wanted and call.is_ready():
             advance(call, CallState.READY)
-            self.scheduler.enqueue(call)
+            self._started().enqueue(call)
 
     def _fail_call(self, call: SemanticCall, cause_var: Variable) -> None:
         if not advance(call, CallState.FAILED):
             return
-        self.scheduler.cancel(call)
+        self._started().cancel(call)
         for out in call.outputs:
             err = CallError(f"{call.function_name}#{call.id}: input {cause_var.name!r} failed")
             err.__cause__ = cause_var.error
@@ -197,13 +209,13 @@ class Runtime(CurrentRuntime):
         if call is None or finished(call):
             return
         advance(call, CallState.FAILED)
-        self.scheduler.cancel(call)
+        self._started().cancel(call)
         for out in call.outputs:
             out.fail(CallError(f"{call.function_name}#{call.id} was cancelled"))
 
     # ---- introspection ---------------------------------------------------------------------
 
-    def call_stats(self) -> list:
+    def call_stats(self) -> list[CallStats]:
         """Per finished call: queueing time, time to first token, decode time and end-to-end
         latency in seconds, engine, objective and token counts (`CallStats`), in finish order."""
         return list(self.scheduler.call_stats) if self.scheduler else []

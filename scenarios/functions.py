@@ -4,7 +4,7 @@ A scenario's prompts depend on its flags (output lengths, system prompts read fr
 its semantic functions are built from a template string here rather than written as decorated
 functions. `render` gives the exact text the Parrot executor sends before the output, which the
 request-level baseline sends to the OpenAI-compatible completions endpoint: with greedy
-decoding both modes must produce the same text (DESIGN.md, "Baseline for every comparison").
+decoding both modes must produce the same text (docs/design.md, "Baseline for every comparison").
 """
 
 from __future__ import annotations

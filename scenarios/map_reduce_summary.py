@@ -4,7 +4,7 @@ reduce combines the partial summaries.
 Parrot submits the maps and the reduce at once: the maps form a task group (their outputs all
 feed the reduce) and run batched for throughput, the reduce starts when the last map resolves,
 and the app pays one network round trip. The baseline app sends one map, awaits it, sends the
-next (`--baseline-maps sequential`, the request-level app of DESIGN.md), or all maps at once
+next (`--baseline-maps sequential`, the request-level app of docs/design.md), or all maps at once
 (`concurrent`, LangChain's batched map step), then the reduce; a round trip per request.
 """
 

@@ -95,13 +95,15 @@ class _Rows:
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of `x` `[n, ...]` -> `[len(rows), ...]` (a view when contiguous)."""
-        if self.span is not None:
+        if self.index is None:
+            assert self.span is not None
             return x[self.span[0] : self.span[1]]
         return x.index_select(0, self.index)
 
     def put(self, dst: torch.Tensor, value: torch.Tensor) -> None:
         """Write `value` `[len(rows), ...]` into those rows of `dst` `[n, ...]`."""
-        if self.span is not None:
+        if self.index is None:
+            assert self.span is not None
             dst[self.span[0] : self.span[1]].copy_(value)
         else:
             dst.index_copy_(0, self.index, value)

@@ -150,6 +150,7 @@ class TorchAttention:
     def _decode_all(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         n, kvh, hd = q.shape[0], self.num_kv_heads, self.head_dim
         g = self.num_heads // kvh
+        assert self._decode is not None, "plan() set the decode batch"
         blocks, valid = self._decode
         k, v = gather_blocks(kv_cache, blocks)  # [batch, max_len, num_kv_heads, head_dim] each
         if not self._shared:
@@ -195,30 +196,15 @@ def gather_blocks(
     return k, v
 
 
-def write_kv(
-    kv_cache: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slot_blocks: torch.Tensor,
-    slot_offsets: torch.Tensor,
-) -> None:
-    """Store the step's new K/V in a layer's cache.
-
-    kv_cache: `[num_blocks, 2, block_size, num_kv_heads, head_dim]`; k, v: `[num_tokens,
-    num_kv_heads, head_dim]`; slot_blocks, slot_offsets: `[num_tokens]` block id and in-block
-    offset of each token (from `slot_mapping`).
-    """
-    kv_cache[slot_blocks, 0, slot_offsets] = k.to(kv_cache.dtype)
-    kv_cache[slot_blocks, 1, slot_offsets] = v.to(kv_cache.dtype)
-
-
 def write_kv_flat(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor
 ) -> None:
-    """`write_kv` with precomputed flat indices (faster: one index_copy_ per tensor).
+    """Store the step's new K/V in a layer's cache, one `index_copy_` per tensor.
 
-    k_slots: `[num_tokens]` rows of `kv_cache.view(-1, num_kv_heads, head_dim)` that hold each
-    token's K, i.e. `(block * 2) * block_size + offset`; V sits `block_size` rows later.
+    kv_cache: `[num_blocks, 2, block_size, num_kv_heads, head_dim]`; k, v: `[num_tokens,
+    num_kv_heads, head_dim]`. k_slots: `[num_tokens]` rows of `kv_cache.view(-1, num_kv_heads,
+    head_dim)` that hold each token's K, i.e. `(block * 2) * block_size + offset`; V sits
+    `block_size` rows later.
     """
     bs = kv_cache.shape[2]
     flat = kv_cache.view(-1, kv_cache.shape[3], kv_cache.shape[4])

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parrot_actors.cuda.layout import BatchLayout, SeqLayout, plan_cascade
+from parrot_actors.cuda.layout import BatchLayout, CascadeGroup, SeqLayout, plan_cascade
+from parrot_actors.engines.api import Tokenizer
 from parrot_actors.engines.block_pool import BlockPool
 from parrot_actors.engines.contexts import Context, ContextTable
 from parrot_actors.engines.detokenizer import Detokenizer
@@ -40,6 +41,11 @@ from parrot_actors.messages import (
     TokenDelta,
 )
 
+FinishCallback = Callable[[object, BaseException | None], None]
+"""`on_finish(result, error)`: a `FillResult` / `GenerateResult`, or the request's error."""
+TokenCallback = Callable[[TokenDelta], None]
+"""`on_token(delta)`, once per sampled token of a generate."""
+
 
 @dataclass(eq=False)
 class Request:
@@ -53,8 +59,8 @@ class Request:
     ctx: Context
     priority: int
     seq: int
-    on_finish: Callable[[object, BaseException | None], None]
-    on_token: Callable[[TokenDelta], None] | None = None
+    on_finish: FinishCallback
+    on_token: TokenCallback | None = None
     sampling: SamplingParams | None = None
     arrival: float = field(default_factory=time.perf_counter)
     generator: torch.Generator | None = None
@@ -103,7 +109,7 @@ class EngineCore:
     def __init__(
         self,
         runner: LlamaRunner,
-        tokenizer: object,
+        tokenizer: Tokenizer,
         num_blocks: int,
         block_size: int,
         max_batch_tokens: int = 2048,
@@ -183,7 +189,12 @@ class EngineCore:
     # ---- requests -------------------------------------------------------------------------
 
     def add_fill(
-        self, ctx: Context, token_ids: list[int], priority: int, reused: int, on_finish: Callable
+        self,
+        ctx: Context,
+        token_ids: list[int],
+        priority: int,
+        reused: int,
+        on_finish: FinishCallback,
     ) -> Request:
         """Append `token_ids` to `ctx` and queue their computation. Raises `InvalidRequestError`
         for an empty list, ids outside the vocabulary, or a context beyond the model length."""
@@ -207,8 +218,8 @@ class EngineCore:
         ctx: Context,
         sampling: SamplingParams,
         priority: int,
-        on_finish: Callable,
-        on_token: Callable | None = None,
+        on_finish: FinishCallback,
+        on_token: TokenCallback | None = None,
     ) -> Request:
         """Queue a generation on `ctx`. Raises `InvalidRequestError` for bad sampling or an
         empty context, `CapacityError` if the context cannot fit the KV pool even alone."""
@@ -436,7 +447,7 @@ class EngineCore:
             seq = SeqLayout(n, kv_len, tuple(ctx.blocks[: -(-kv_len // bs)]))
             seq_of[id(seq)] = (req, n)
             (decodes if n == 1 and ctx.num_computed > 0 else prefills).append(seq)
-        groups: list = []
+        groups: list[CascadeGroup] = []
         if self.cascade and len(decodes) > 1:
             decodes, groups = plan_cascade(decodes, bs)
         layout = BatchLayout(bs, tuple(prefills), tuple(decodes), tuple(groups))
@@ -527,7 +538,8 @@ class EngineCore:
             )
 
     def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
-        sp = req.sampling
+        sp, detok = req.sampling, req.detok
+        assert sp is not None and detok is not None, "a generate request has both"
         token = sample(logits, sp, req.generator)
         now = time.perf_counter()
         req.first_token_at = req.first_token_at or now
@@ -535,7 +547,7 @@ class EngineCore:
         req.ctx.tokens.append(token)
         req.ctx.last_logits = None
         self.stats.generated_tokens += 1
-        delta_text, stop_hit = req.detok.add(token)
+        delta_text, stop_hit = detok.add(token)
         reason = None
         if token in req.stop_ids:
             reason = "stop"
@@ -551,12 +563,12 @@ class EngineCore:
             req.on_token(
                 TokenDelta(
                     token_id=token,
-                    text=delta_text if reason is None else delta_text + req.detok.flush(),
+                    text=delta_text if reason is None else delta_text + detok.flush(),
                     finish_reason=reason,
                 )
             )
         if reason is not None:
-            text = req.detok.final_text()
+            text = detok.final_text()
             self._finish(
                 req,
                 GenerateResult(

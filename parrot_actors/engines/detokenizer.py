@@ -36,7 +36,7 @@ class Detokenizer:
         self._final: str | None = None
 
     def _piece(self, token_id: int) -> str:
-        if self._stream is not None:
+        if self._stream is not None and self._backend is not None:
             return self._stream.step(self._backend, token_id) or ""
         whole = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if whole.endswith("\ufffd"):  # an incomplete character: wait for its other bytes

@@ -76,7 +76,12 @@ class EchoEngine:
         parent_context_id: str | None = None,
         priority: int = LATENCY_PRIORITY,
     ) -> FillResult:
-        """Append `text` (characters are tokens) to a context, forking the parent if given."""
+        """Append `text` (characters are tokens) to a context, forking the parent if given.
+        Raises `InvalidRequestError` for both token ids and text, ids that are no character, an
+        empty new context or one beyond `max_len`; `ContextNotFoundError` for a missing
+        parent."""
+        if token_ids is not None and text is not None:
+            raise InvalidRequestError("fill takes token_ids or text, not both")
         reused = 0
         if parent_context_id is not None:
             if parent_context_id not in self.contexts:

@@ -30,13 +30,14 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgspec
 import torch
 
 from parrot_actors.cuda.backend import make_backend
-from parrot_actors.engines.api import render_messages
-from parrot_actors.engines.core import EngineCore, Request
+from parrot_actors.engines.api import EngineClient, render_messages
+from parrot_actors.engines.core import EngineCore, FinishCallback, Request
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.model_loader import DEFAULT_MODEL, load_model, random_model
 from parrot_actors.errors import EngineDiedError, EngineError, InvalidRequestError
@@ -50,6 +51,8 @@ from parrot_actors.messages import (
 )
 
 log = logging.getLogger("parrot_actors.engine")
+
+T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,7 +91,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
     name: str = "engine0"
     model: str = DEFAULT_MODEL
-    random_model: dict | None = None
+    random_model: dict[str, Any] | None = None
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -136,12 +139,12 @@ def build_core(config: EngineConfig) -> EngineCore:
     device = torch.device(config.device)
     dtype = _DTYPES[config.dtype]
     cfg = loaded.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     backend = make_backend(
         config.attention,
         num_heads=heads,
-        num_kv_heads=cfg.num_key_value_heads,
+        num_kv_heads=int(cfg.num_key_value_heads or heads),
         head_dim=head_dim,
         device=device,
         dtype=dtype,
@@ -176,7 +179,7 @@ class _Command:
     (cancels and frees must happen whoever still waits for them)."""
 
     fn: Callable[[EngineCore], object]
-    fut: asyncio.Future
+    fut: asyncio.Future[object]
     must_run: bool = False
 
 
@@ -196,17 +199,17 @@ class Engine:
         self.config = config
         self.name = config.name
         self.model_name = core.stats.model
-        self.aliases = (config.model,) if config.random_model is None else ()
+        self.aliases: tuple[str, ...] = (config.model,) if config.random_model is None else ()
         self.tokenizer = core.tokenizer
         self.healthy = True
         self.restarts = 0
         self.last_error = ""
         self._core = core
         self._commands: deque[_Command] = deque()
-        self._tails: dict[str, asyncio.Future] = {}
-        self._frees: set[asyncio.Task] = set()
+        self._tails: dict[str, asyncio.Future[None]] = {}
+        self._frees: set[asyncio.Task[None]] = set()
         self._lost: OrderedDict[str, None] = OrderedDict()
-        self._listeners: list[Callable[[Engine], None]] = []
+        self._listeners: list[Callable[[EngineClient], None]] = []
         self._wakeup = asyncio.Event()
         self._closed = False
         self._backoff_s = config.restart_backoff_s
@@ -229,7 +232,7 @@ class Engine:
         engine API so that they happen between steps."""
         return self._core
 
-    def add_listener(self, fn: Callable[[Engine], None]) -> None:
+    def add_listener(self, fn: Callable[[EngineClient], None]) -> None:
         """Call `fn(self)` whenever `healthy` changes (e.g. to dispatch when it is back)."""
         self._listeners.append(fn)
 
@@ -331,17 +334,21 @@ class Engine:
         if self._closed:
             raise EngineError(f"engine {self.name!r} is closed")
 
-    def _post(self, fn: Callable[[EngineCore], object], must_run: bool = False) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
+    def _post(
+        self, fn: Callable[[EngineCore], object], must_run: bool = False
+    ) -> asyncio.Future[object]:
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_retrieve)
         self._commands.append(_Command(fn, fut, must_run))
         self._wakeup.set()
         return fut
 
-    async def _request(self, admit: Callable[[EngineCore, Callable], Request | None]) -> object:
+    async def _request(
+        self, admit: Callable[[EngineCore, FinishCallback], Request | None]
+    ) -> object:
         """Admit a request between steps (`admit(core, on_finish)`) and wait for its result.
         Cancelling the wait cancels the request, also between steps."""
-        done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         done.add_done_callback(_retrieve)
 
         def on_finish(result: object, error: BaseException | None) -> None:
@@ -359,7 +366,7 @@ class Engine:
         except asyncio.CancelledError:
             if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
                 req = admitted.result()
-                if req is not None:
+                if isinstance(req, Request):
                     error = EngineError("request cancelled by its caller")
                     self._post(lambda core: core.cancel(req, error), must_run=True)
             raise
@@ -371,11 +378,13 @@ class Engine:
                     f"context {cid!r} was lost when engine {self.name!r} restarted"
                 )
 
-    async def _in_order(self, context_id: str, after: list[str], op: Callable[[], Awaitable]):
+    async def _in_order(
+        self, context_id: str, after: list[str], op: Callable[[], Awaitable[T]]
+    ) -> T:
         """Run `op` after every earlier operation on `context_id` and on the contexts in
         `after` (a fork waits for its parent) has finished."""
         prev = [self._tails.get(c) for c in [context_id, *after]]
-        mine = asyncio.get_running_loop().create_future()
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tails[context_id] = mine
         try:
             for p in prev:
@@ -439,11 +448,13 @@ class Engine:
             ids = token_ids
             if text is not None:
                 ids = self.tokenize(text, first=self._starts_empty(context_id, parent_context_id))
-            return await self._request(
+            result = await self._request(
                 lambda core, cb: self._admit_fill(
                     core, context_id, ids, parent_context_id, priority, cb
                 )
             )
+            assert isinstance(result, FillResult)
+            return result
 
         return await self._in_order(context_id, after, op)
 
@@ -454,7 +465,7 @@ class Engine:
         ids: list[int] | None,
         parent_context_id: str | None,
         priority: int,
-        on_finish: Callable,
+        on_finish: FinishCallback,
     ) -> Request | None:
         self._check_alive(context_id, parent_context_id)
         exists = context_id in core.contexts
@@ -511,6 +522,7 @@ class Engine:
             self._generate(context_id, sampling, parent_context_id, priority, queue.put_nowait)
         )
         task.add_done_callback(lambda _: queue.put_nowait(None))
+        task.add_done_callback(_retrieve)  # a consumer that stops early never awaits it
         try:
             while (delta := await queue.get()) is not None:
                 if delta.finish_reason is not None:
@@ -535,7 +547,7 @@ class Engine:
     ) -> GenerateResult:
         after = [parent_context_id] if parent_context_id else []
 
-        def admit(core: EngineCore, on_finish: Callable) -> Request:
+        def admit(core: EngineCore, on_finish: FinishCallback) -> Request:
             self._check_alive(context_id, parent_context_id)
             forked = parent_context_id is not None
             if forked:
@@ -549,7 +561,12 @@ class Engine:
                     core.contexts.free(context_id)
                 raise
 
-        return await self._in_order(context_id, after, lambda: self._request(admit))
+        async def op() -> GenerateResult:
+            result = await self._request(admit)
+            assert isinstance(result, GenerateResult)
+            return result
+
+        return await self._in_order(context_id, after, op)
 
     async def free_context(self, context_id: str) -> None:
         """Cancel the context's running work and release its blocks (blocks shared with forks
@@ -622,7 +639,7 @@ class Engine:
                 fut.set_exception(error)
 
 
-def _retrieve(fut: asyncio.Future) -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     # An error nobody awaits any more (its caller was cancelled) is expected, not a leak.
     if not fut.cancelled():
         fut.exception()

@@ -62,14 +62,14 @@ class LlamaRunner:
         cfg = loaded.config
         sd = loaded.state_dict
         self.device, self.dtype, self.backend = device, dtype, backend
-        self.num_layers = cfg.num_hidden_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        self.hidden = cfg.hidden_size
-        self.vocab_size = cfg.vocab_size
-        self.max_len = cfg.max_position_embeddings
-        self.eps = cfg.rms_norm_eps
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(cfg.num_key_value_heads or self.num_heads)
+        self.hidden = int(cfg.hidden_size)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden // self.num_heads)
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_len = int(cfg.max_position_embeddings)
+        self.eps = float(cfg.rms_norm_eps)
         self.embed = sd["model.embed_tokens.weight"].to(device=device, dtype=dtype)  # [V, H]
         head = sd.get("lm_head.weight")
         self.lm_head = self.embed if head is None else head.to(device=device, dtype=dtype)
@@ -84,7 +84,7 @@ class LlamaRunner:
         scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)  # [max_len, head_dim]
         self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
-        eos = loaded.tokenizer.eos_token_id
+        eos = getattr(loaded.tokenizer, "eos_token_id", None)
         gen_eos = getattr(cfg, "eos_token_id", None)
         ids = {eos} if eos is not None else set()
         ids |= set(
@@ -94,7 +94,7 @@ class LlamaRunner:
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes of K and V for one block of `block_size` tokens across all layers."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = int(torch.tensor([], dtype=self.dtype).element_size())
         return self.num_layers * 2 * block_size * self.num_kv_heads * self.head_dim * elem
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
@@ -147,10 +147,10 @@ class LlamaRunner:
         for layer, cache in zip(self.layers, kv_caches):
             h = self._rms(x, layer.norm1)
             qkv = F.linear(h, layer.qkv)  # [T, (n_q + 2 n_kv) * hd]
-            qk, v = qkv.split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
+            qk, v = torch.split(qkv, [(n_q + n_kv) * hd, n_kv * hd], dim=-1)
             # One rotary pass over q and k heads together: half the small ops per layer.
             qk = self._rope(qk.view(-1, n_q + n_kv, hd), cos, sin)  # [T, n_q + n_kv, hd]
-            q, k = qk.split([n_q, n_kv], dim=1)  # [T, n_q, hd], [T, n_kv, hd]
+            q, k = torch.split(qk, [n_q, n_kv], dim=1)  # [T, n_q, hd], [T, n_kv, hd]
             write_kv_flat(cache, k, v.view(-1, n_kv, hd), k_slots)
             attn = self.backend.forward(q, cache)  # [T, n_q, hd]
             x = x + F.linear(attn.reshape(-1, n_q * hd), layer.o)

@@ -15,10 +15,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from parrot_actors.engines.api import Tokenizer
 from parrot_actors.errors import EngineError
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,9 +41,9 @@ class LoadedModel:
     """
 
     name: str
-    config: object
+    config: LlamaConfig
     state_dict: dict[str, torch.Tensor]
-    tokenizer: object
+    tokenizer: Tokenizer
 
 
 def cache_root() -> Path:
@@ -114,13 +119,14 @@ def default_model_path() -> Path:
     return target
 
 
-def load_tokenizer(model: str = DEFAULT_MODEL) -> object:
+def load_tokenizer(model: str = DEFAULT_MODEL) -> Tokenizer:
     """The tokenizer of `model` ("default" or a local folder). Raises `EngineError` if the
     folder does not exist."""
     from transformers import AutoTokenizer
 
     _offline()
-    return AutoTokenizer.from_pretrained(_resolve(model))
+    # transformers' tokenizer classes have this interface; their annotations are wider.
+    return cast(Tokenizer, AutoTokenizer.from_pretrained(_resolve(model)))
 
 
 def _resolve(model: str) -> Path:
@@ -159,7 +165,7 @@ def load_model(model: str = DEFAULT_MODEL) -> LoadedModel:
 
 
 def random_model(
-    config_kwargs: dict, seed: int = 0, tokenizer_model: str = DEFAULT_MODEL
+    config_kwargs: dict[str, Any], seed: int = 0, tokenizer_model: str = DEFAULT_MODEL
 ) -> LoadedModel:
     """A Llama model with random weights (tests and speed benchmarks: weights do not change
     speed). `config_kwargs` are `LlamaConfig` fields; the tokenizer is `tokenizer_model`'s, so
@@ -169,19 +175,21 @@ def random_model(
     kwargs = {"tie_word_embeddings": True, "max_position_embeddings": 8192, **config_kwargs}
     config = LlamaConfig(**kwargs)
     gen = torch.Generator().manual_seed(seed)
-    h, inter = config.hidden_size, config.intermediate_size
-    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    h, inter = int(config.hidden_size), int(config.intermediate_size or 0)
+    nq = int(config.num_attention_heads)
+    nkv = int(config.num_key_value_heads or nq)
+    hd = int(getattr(config, "head_dim", None) or h // nq)
+    vocab = int(config.vocab_size)
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * 0.02
 
     state = {
-        "model.embed_tokens.weight": rnd(config.vocab_size, h),
+        "model.embed_tokens.weight": rnd(vocab, h),
         "model.norm.weight": torch.ones(h),
     }
     if not config.tie_word_embeddings:
-        state["lm_head.weight"] = rnd(config.vocab_size, h)
+        state["lm_head.weight"] = rnd(vocab, h)
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         state.update(

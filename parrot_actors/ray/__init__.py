@@ -27,6 +27,7 @@ except ImportError as exc:  # the optional extra is missing: say how to get it
 
 import sys
 import types
+from typing import Any
 
 from parrot_actors.ray.client import RayRuntime
 from parrot_actors.ray.cluster import ENGINE_PREFIX, NAMESPACE, SERVICE_NAME
@@ -36,7 +37,8 @@ from parrot_actors.ray.deploy import shutdown_deployment
 class _CallableModule(types.ModuleType):
     # Importing this package makes it the attribute `parrot_actors.ray`, where the factory
     # `pa.ray(...)` stood; calling the package keeps meaning that factory.
-    def __call__(self, address: str = "auto", **kwargs: object) -> RayRuntime:
+    # Any: the keywords go as they are to `RayRuntime` (as `pa.ray`'s do).
+    def __call__(self, address: str = "auto", **kwargs: Any) -> RayRuntime:
         return RayRuntime(address, **kwargs)
 
 

@@ -12,11 +12,16 @@ deployment's engines through Ray.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from ray.actor import ActorHandle
 
 from parrot_actors.engines.engine import EngineConfig
+from parrot_actors.errors import TemplateError
 from parrot_actors.ray import cluster
 from parrot_actors.ray.cluster import SERVICE_NAME
 from parrot_actors.ray.deploy import call, connect_service
+from parrot_actors.ray.service import Endpoint, ServiceActor
 from parrot_actors.ray.spawn import SpawnOptions
 from parrot_actors.ray.wire import EngineStatus
 from parrot_actors.scheduler.config import SchedulerConfig
@@ -50,7 +55,7 @@ class RayRuntime(RemoteRuntime):
         max_restarts: int = 3,
         spawn: SpawnOptions | None = None,
         timeout_s: float = 600.0,
-        **remote: object,
+        **remote: Any,  # `RemoteRuntime`'s keywords, passed on as they are
     ) -> None:
         super().__init__("http://unresolved", **remote)  # the service says where it listens
         self.address = address
@@ -61,7 +66,7 @@ class RayRuntime(RemoteRuntime):
         self.create = create
         self.spawn = spawn or SpawnOptions(max_restarts=max_restarts)
         self.timeout_s = timeout_s
-        self.service: object | None = None
+        self.service: ActorHandle[ServiceActor] | None = None
         self._connected = False
 
     async def start(self) -> None:
@@ -69,7 +74,7 @@ class RayRuntime(RemoteRuntime):
         cluster.acquire(self.address)
         self._connected = True
         try:
-            self.service = await connect_service(
+            service = self.service = await connect_service(
                 self.service_name,
                 self.engines,
                 self.model,
@@ -78,7 +83,7 @@ class RayRuntime(RemoteRuntime):
                 self.create,
                 self.timeout_s,
             )
-            endpoint = await call(self.service.start)
+            endpoint: Endpoint = await call(service.start)
             self.url = endpoint.url
             self.set_api_key(endpoint.api_key)
             await super().start()
@@ -100,8 +105,15 @@ class RayRuntime(RemoteRuntime):
 
     async def health(self) -> dict[str, bool]:
         """Engine name -> healthy (False while Ray restarts its actor)."""
-        return await call(self.service.health)
+        health: dict[str, bool] = await call(self._service().health)
+        return health
 
     async def engine_status(self) -> list[EngineStatus]:
         """Each engine's health, incarnation, restarts seen and contexts refilled."""
-        return await call(self.service.engine_status)
+        status: list[EngineStatus] = await call(self._service().engine_status)
+        return status
+
+    def _service(self) -> ActorHandle[ServiceActor]:
+        if self.service is None:
+            raise TemplateError("the Ray runtime is not started: use `async with`")
+        return self.service

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import ray
@@ -32,7 +33,7 @@ def acquire(address: str) -> None:
     global _users, _owned
     with _lock:
         if not ray.is_initialized():
-            ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING")
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
             _owned = True
         _users += 1
 

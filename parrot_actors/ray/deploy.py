@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from typing import Any, cast
 
 import msgspec
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
@@ -17,6 +19,7 @@ from parrot_actors.ray import cluster
 from parrot_actors.ray.cluster import NAMESPACE, SERVICE_NAME
 from parrot_actors.ray.service import ServiceActor
 from parrot_actors.ray.spawn import SpawnOptions, find_engine
+from parrot_actors.ray.wire import EngineInfo
 from parrot_actors.scheduler.config import SchedulerConfig
 
 
@@ -36,7 +39,7 @@ def engine_configs(
     return out
 
 
-def find_service(name: str = SERVICE_NAME) -> object | None:
+def find_service(name: str = SERVICE_NAME) -> ActorHandle[ServiceActor] | None:
     """The handle of the service actor `name`, or None."""
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
@@ -52,7 +55,7 @@ async def connect_service(
     spawn: SpawnOptions | None = None,
     create: bool = True,
     timeout_s: float = 600.0,
-) -> object:
+) -> ActorHandle[ServiceActor]:
     """The started service actor `name` (a `ServiceActor`): the running one (its engines and
     scheduler config win), else a new one over `engine_configs(engines, model)` when `create`.
     Waits up to `timeout_s` seconds for it to start (engines load their models). Raises
@@ -63,7 +66,9 @@ async def connect_service(
     if handle is None:
         if not create:
             raise SessionError(f"no parrot_actors service named {name!r} on this cluster")
-        handle = (
+        # Ray types `.remote()` as "handle or the class" (for typed methods); it is the handle.
+        handle = cast(
+            ActorHandle[ServiceActor],
             ray.remote(ServiceActor)
             .options(
                 name=name,
@@ -74,7 +79,7 @@ async def connect_service(
                 max_concurrency=1000,
                 max_restarts=-1,
             )
-            .remote(engine_configs(engines, model), scheduler, spawn)
+            .remote(engine_configs(engines, model), scheduler, spawn),
         )
     try:
         await asyncio.wait_for(call(handle.start), timeout_s)
@@ -85,9 +90,10 @@ async def connect_service(
     return handle
 
 
-async def call(method: object, *args: object) -> object:
+async def call(method: Any, *args: object) -> Any:
     """`await method.remote(*args)` with the service's own `ParrotError` re-raised as it was
-    raised, and a lost service as `SessionError`."""
+    raised, and a lost service as `SessionError`. `method` is an actor method (`handle.name`,
+    untyped in Ray, hence Any); so is its result: callers annotate what the method returns."""
     try:
         return await method.remote(*args)
     except RayTaskError as exc:
@@ -129,13 +135,14 @@ async def shutdown_deployment(
 
 async def kill_engines(names: Sequence[str]) -> None:
     """Kill the engine actors called `names` (no restart) and remove their placement groups."""
-    groups = set()
+    groups: set[str] = set()
     for name in names:
         handle = find_engine(name)
         if handle is None:
             continue
         with contextlib.suppress(ParrotError, RayTaskError, asyncio.TimeoutError):
-            groups.add((await asyncio.wait_for(call(handle.info), 30.0)).group)
+            info: EngineInfo = await asyncio.wait_for(call(handle.info), 30.0)
+            groups.add(info.group)
         ray.kill(handle, no_restart=True)
     for group in groups - {""}:
         # Removing an already removed group is harmless; a bad id must not stop the rest.

@@ -12,9 +12,10 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+from parrot_actors.engines.api import Tokenizer
 from parrot_actors.engines.engine import Engine, EngineConfig
 from parrot_actors.errors import InvalidRequestError
-from parrot_actors.messages import TokenDelta
+from parrot_actors.messages import LATENCY_PRIORITY, SamplingParams, TokenDelta
 from parrot_actors.ray.wire import EngineInfo, OpResult
 
 OPS = frozenset({"fill", "generate", "free_context"})
@@ -37,7 +38,7 @@ class EngineActor:
         self.group = group
         self.incarnation = uuid.uuid4().hex[:12]
         self._engine: Engine | None = None
-        self._starting: asyncio.Task | None = None
+        self._starting: asyncio.Task[Engine] | None = None
 
     async def _get(self) -> Engine:
         if self._engine is None:
@@ -63,7 +64,7 @@ class EngineActor:
             stats=engine.stats(),
         )
 
-    async def tokenizer(self) -> object:
+    async def tokenizer(self) -> Tokenizer:
         """The engine's tokenizer object (pickled by Ray), so proxies tokenize locally without
         the model files on their node."""
         return (await self._get()).tokenizer
@@ -83,11 +84,20 @@ class EngineActor:
         result = await getattr(engine, op)(*args)
         return OpResult(result, self.incarnation, engine.stats())
 
-    async def stream(self, *args: object) -> AsyncIterator[TokenDelta]:
-        """`engine.generate_stream(*args)`: one `TokenDelta` per token. Call it with
-        `num_returns="streaming"` (Ray generators); cancelling the generator ref stops it."""
+    async def stream(
+        self,
+        context_id: str,
+        sampling: SamplingParams | None = None,
+        parent_context_id: str | None = None,
+        priority: int = LATENCY_PRIORITY,
+    ) -> AsyncIterator[TokenDelta]:
+        """`engine.generate_stream(...)` with these arguments: one `TokenDelta` per token. Call
+        it with `num_returns="streaming"` (Ray generators); cancelling the generator ref stops
+        it."""
         engine = await self._get()
-        async for delta in engine.generate_stream(*args):
+        async for delta in engine.generate_stream(
+            context_id, sampling, parent_context_id, priority
+        ):
             yield delta
 
     async def close(self) -> None:

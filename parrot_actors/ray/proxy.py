@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from parrot_actors.engines.api import EngineClient, Tokenizer, render_messages
@@ -37,6 +39,11 @@ from parrot_actors.messages import (
     TokenDelta,
 )
 from parrot_actors.ray.wire import EngineInfo, EngineStatus, OpResult
+
+if TYPE_CHECKING:
+    from parrot_actors.ray.engine_actor import EngineActor  # imports the engine (torch)
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -66,7 +73,7 @@ class RayEngine:
 
     def __init__(
         self,
-        handle: object,
+        handle: ActorHandle[EngineActor],
         info: EngineInfo,
         tokenizer: Tokenizer,
         monitor_interval_s: float = 1.0,
@@ -90,18 +97,18 @@ class RayEngine:
         # server) may share one engine actor, and each numbers its contexts from 0.
         self._tag = uuid.uuid4().hex[:8]
         self._ctx: dict[str, _Ctx] = {}
-        self._replays: dict[str, asyncio.Future] = {}
+        self._replays: dict[str, asyncio.Future[None]] = {}
         self._listeners: list[Callable[[EngineClient], None]] = []
-        self._recovery: asyncio.Task | None = None
-        self._monitor: asyncio.Task | None = None
+        self._recovery: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(cls, handle: object, **kwargs: object) -> RayEngine:
+    async def connect(cls, handle: ActorHandle[EngineActor], **kwargs: float) -> RayEngine:
         """A proxy for the actor `handle`, once its engine is built (seconds: model load).
         Raises the engine's build error (`EngineError`, `CapacityError`) or `EngineDiedError`."""
         with _translated(f"engine actor {handle}"):
-            info = await handle.info.remote()
-            tokenizer = await handle.tokenizer.remote()
+            info: EngineInfo = await handle.info.remote()
+            tokenizer: Tokenizer = await handle.tokenizer.remote()
         return cls(handle, info, tokenizer, **kwargs)
 
     def __repr__(self) -> str:
@@ -176,7 +183,8 @@ class RayEngine:
         if rec is None or rec.incarnation != out.incarnation:
             rec = self._ctx[context_id] = _Ctx(out.incarnation, parent_context_id)
         rec.fills.append((token_ids, text))
-        return out.value
+        result: FillResult = out.value
+        return result
 
     async def generate(
         self,
@@ -194,7 +202,8 @@ class RayEngine:
             ),
         )
         self._generated(context_id, parent_context_id, out.incarnation)
-        return out.value
+        result: GenerateResult = out.value
+        return result
 
     async def generate_stream(
         self,
@@ -277,7 +286,7 @@ class RayEngine:
             await asyncio.sleep(delay)
             try:
                 ping = self.handle.ping.remote()
-                incarnation = await asyncio.wait_for(_awaited(ping), self.probe_timeout_s)
+                incarnation: str = await asyncio.wait_for(_awaited(ping), self.probe_timeout_s)
                 break
             except (RayActorError, RayTaskError, GetTimeoutError, asyncio.TimeoutError):
                 delay = min(delay * 2, 5.0)
@@ -314,7 +323,9 @@ class RayEngine:
             rec = self._ctx[context_id] = _Ctx(incarnation, parent)
         rec.replayable = False  # generated tokens are not recorded
 
-    async def _run(self, contexts: list[str | None], make: Callable[[], object]) -> OpResult:
+    async def _run(
+        self, contexts: list[str | None], make: Callable[[], Awaitable[OpResult]]
+    ) -> OpResult:
         """Run the actor call `make()` once `contexts` are live on the current incarnation;
         when it finds a recorded context missing, check for a restart and try once more."""
         for attempt in range(2):
@@ -333,7 +344,7 @@ class RayEngine:
 
     async def _restarted(self) -> bool:
         with self._errors():
-            incarnation = await self.handle.ping.remote()
+            incarnation: str = await self.handle.ping.remote()
         before = self.incarnation
         self._switch(incarnation)
         return incarnation != before
@@ -372,7 +383,7 @@ class RayEngine:
         self.replays += 1
         if rec.parent is not None:
             await self._ensure(rec.parent)
-        out = None
+        out: OpResult | None = None
         for i, (ids, text) in enumerate(rec.fills):
             parent = self._rid(rec.parent) if i == 0 else None
             with self._errors():
@@ -399,7 +410,7 @@ class RayEngine:
             raise EngineError(f"engine {self.name!r}: {type(exc).__name__}: {exc}") from exc
 
 
-async def _awaited(ref: object) -> object:
+async def _awaited(ref: Awaitable[_T]) -> _T:
     return await ref
 
 

@@ -16,6 +16,7 @@ import contextlib
 import signal
 from collections.abc import Sequence
 
+from parrot_actors.engines.api import EngineClient
 from parrot_actors.engines.engine import EngineConfig
 from parrot_actors.errors import InvalidRequestError
 from parrot_actors.ray import cluster
@@ -40,10 +41,11 @@ class RaySharedRuntime(Runtime):
     def __init__(
         self,
         address: str,
-        engines: Sequence[object],
+        engines: Sequence[EngineConfig | EngineClient],
         scheduler: SchedulerConfig | None = None,
         spawn: SpawnOptions | None = None,
     ) -> None:
+        configs = [e for e in engines if isinstance(e, EngineConfig)]
         bad = [e for e in engines if not isinstance(e, EngineConfig)]
         if bad or not engines:
             raise InvalidRequestError(
@@ -51,7 +53,7 @@ class RaySharedRuntime(Runtime):
             )
         super().__init__(scheduler=scheduler)
         self.address = address
-        self.ray_configs = [with_scheduler_caching(e, self.scheduler_config) for e in engines]
+        self.ray_configs = [with_scheduler_caching(e, self.scheduler_config) for e in configs]
         self.spawn = spawn or SpawnOptions()
         self.proxies: list[RayEngine] = []
         self._connected = False
@@ -62,7 +64,8 @@ class RaySharedRuntime(Runtime):
         self._connected = True
         handles = await spawn_engines(self.ray_configs, self.spawn)
         self.proxies = list(await asyncio.gather(*(RayEngine.connect(h) for h in handles)))
-        self.engine_specs = list(self.proxies)
+        specs: list[EngineConfig | EngineClient] = list(self.proxies)
+        self.engine_specs = specs
         await super().start()
         for proxy in self.proxies:  # the scheduler listens to their health itself
             proxy.start_monitor()
@@ -82,7 +85,7 @@ class RaySharedRuntime(Runtime):
 
 async def serve_ray(
     address: str,
-    engines: Sequence[object],
+    engines: Sequence[EngineConfig | EngineClient],
     config: ServerConfig,
     scheduler: SchedulerConfig | None = None,
     spawn: SpawnOptions | None = None,
@@ -110,7 +113,7 @@ async def serve_ray(
 
 def run_ray(
     address: str,
-    engines: Sequence[object],
+    engines: Sequence[EngineConfig | EngineClient],
     config: ServerConfig,
     scheduler: SchedulerConfig | None = None,
     spawn: SpawnOptions | None = None,

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import msgspec
 import ray
 
 from parrot_actors.engines.engine import EngineConfig
+from parrot_actors.ray.proxy import RayEngine
 from parrot_actors.ray.serve import RaySharedRuntime
 from parrot_actors.ray.spawn import SpawnOptions
 from parrot_actors.ray.wire import EngineStatus
@@ -55,12 +57,14 @@ class ServiceActor:
         self.engine_configs = list(engines)
         self.scheduler_config = scheduler
         self.spawn = spawn
-        self.server_config = server or ServerConfig(
-            host=ray.util.get_node_ip_address(), port=0, api_key=secrets.token_urlsafe(24)
-        )
+        if server is None:
+            # Ray leaves `get_node_ip_address` unannotated: it returns this node's IP (a str).
+            node_ip = cast(Callable[[], str], ray.util.get_node_ip_address)
+            server = ServerConfig(host=node_ip(), port=0, api_key=secrets.token_urlsafe(24))
+        self.server_config = server
         self.runtime: RaySharedRuntime | None = None
         self.server: Server | None = None
-        self._starting: asyncio.Task | None = None
+        self._starting: asyncio.Task[None] | None = None
 
     async def start(self) -> Endpoint:
         """Spawn or attach to the engines, start the scheduler and the HTTP server (once;
@@ -109,5 +113,5 @@ class ServiceActor:
             await self.runtime.close()
         return names
 
-    def _proxies(self) -> list:
+    def _proxies(self) -> list[RayEngine]:
         return list(self.runtime.proxies) if self.runtime is not None else []

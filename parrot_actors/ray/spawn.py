@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import msgspec
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.actor import ActorHandle
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from parrot_actors.engines.engine import EngineConfig
@@ -59,7 +61,7 @@ def actor_config(config: EngineConfig, options: SpawnOptions) -> EngineConfig:
     return msgspec.structs.replace(config, num_threads=threads)
 
 
-def find_engine(name: str) -> object | None:
+def find_engine(name: str) -> ActorHandle[EngineActor] | None:
     """The handle of the engine actor for engine `name`, or None if there is none."""
     try:
         return ray.get_actor(engine_actor_name(name), namespace=NAMESPACE)
@@ -69,7 +71,7 @@ def find_engine(name: str) -> object | None:
 
 async def spawn_engines(
     configs: Sequence[EngineConfig], options: SpawnOptions | None = None
-) -> list[object]:
+) -> list[ActorHandle[EngineActor]]:
     """Handles of engine actors for `configs`, in order: existing actors of the same names are
     reused; the others are created in one new placement group (one bundle each). Raises
     `InvalidRequestError` for duplicate names and `CapacityError` when the cluster cannot
@@ -79,8 +81,9 @@ async def spawn_engines(
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise InvalidRequestError(f"engine names must differ, got {names}")
-    handles = {c.name: find_engine(c.name) for c in configs}
-    missing = [c for c in configs if handles[c.name] is None]
+    found = {c.name: find_engine(c.name) for c in configs}
+    handles = {name: h for name, h in found.items() if h is not None}
+    missing = [c for c in configs if c.name not in handles]
     if missing:
         pg_name = PG_PREFIX + uuid.uuid4().hex[:8]
         pg = await _reserve([bundle_of(c, options) for c in missing], options, pg_name)
@@ -89,8 +92,10 @@ async def spawn_engines(
     return [handles[c.name] for c in configs]
 
 
-async def _reserve(bundles: list[dict[str, float]], options: SpawnOptions, name: str) -> object:
-    pg = placement_group(
+async def _reserve(
+    bundles: list[dict[str, float]], options: SpawnOptions, name: str
+) -> PlacementGroup:
+    pg: PlacementGroup = placement_group(
         bundles,
         strategy=options.strategy,
         name=name,
@@ -100,18 +105,22 @@ async def _reserve(bundles: list[dict[str, float]], options: SpawnOptions, name:
         await asyncio.wait_for(_ready(pg), options.timeout_s)
     except asyncio.TimeoutError:
         remove_placement_group(pg)
+        # Ray leaves `available_resources` unannotated: it returns resource name -> quantity.
+        available = cast(Callable[[], dict[str, float]], ray.available_resources)()
         raise CapacityError(
             f"the cluster could not reserve {bundles} for the engines within "
-            f"{options.timeout_s:.0f} s; available now: {ray.available_resources()}"
+            f"{options.timeout_s:.0f} s; available now: {available}"
         ) from None
     return pg
 
 
-async def _ready(pg: object) -> None:
+async def _ready(pg: PlacementGroup) -> None:
     await pg.ready()
 
 
-def _create(config: EngineConfig, options: SpawnOptions, pg: object, index: int) -> object:
+def _create(
+    config: EngineConfig, options: SpawnOptions, pg: PlacementGroup, index: int
+) -> ActorHandle[EngineActor]:
     gpu = config.device.startswith("cuda")
     actor = ray.remote(EngineActor).options(
         name=engine_actor_name(config.name),
@@ -127,4 +136,5 @@ def _create(config: EngineConfig, options: SpawnOptions, pg: object, index: int)
             placement_group=pg, placement_group_bundle_index=index
         ),
     )
-    return actor.remote(actor_config(config, options), pg.id.hex())
+    # Ray types `.remote()` as "handle or the class" (for typed methods); it is the handle.
+    return cast(ActorHandle[EngineActor], actor.remote(actor_config(config, options), pg.id.hex()))

@@ -22,7 +22,13 @@ from parrot_actors.engines.api import EngineClient
 from parrot_actors.errors import CallError, ParrotError
 from parrot_actors.messages import LATENCY_PRIORITY
 from parrot_actors.scheduler.config import SchedulerConfig
-from parrot_actors.scheduler.executor import CallStats, first_segment, priority_of, run_call
+from parrot_actors.scheduler.executor import (
+    CallStats,
+    first_segment,
+    priority_of,
+    run_call,
+    sampling_of,
+)
 from parrot_actors.scheduler.policy import (
     CallInfo,
     EngineState,
@@ -73,7 +79,7 @@ class Scheduler:
         self.config = (config or SchedulerConfig()).validate()
         self.engines: dict[str, EngineClient] = {e.name: e for e in engines}
         self.ready: dict[int, _Ready] = {}
-        self.running: dict[int, tuple[SemanticCall, str, asyncio.Task]] = {}
+        self.running: dict[int, tuple[SemanticCall, str, asyncio.Task[None]]] = {}
         self.call_stats: deque[CallStats] = deque(maxlen=self.config.call_stats_size)
         self.event_log: deque[tuple[str, int, str]] = deque(maxlen=self.config.event_log_size)
         self.tap = TokenTap()
@@ -133,7 +139,7 @@ class Scheduler:
         elif call.id in self._registered and call.id not in self.ready:
             self._release(call)
 
-    def tasks_of(self, call_ids: set[int]) -> list[asyncio.Task]:
+    def tasks_of(self, call_ids: set[int]) -> list[asyncio.Task[None]]:
         """The tasks of the running calls among `call_ids` (to wait for their cleanup)."""
         return [t for cid, (_, _, t) in self.running.items() if cid in call_ids and not t.done()]
 
@@ -286,11 +292,7 @@ class Scheduler:
         ids = self._ids.get(call.id)
         if ids is None:
             ids = self._ids[call.id] = engine.tokenize(first_segment(call, engine), first=True)
-        max_new = sum(
-            int(dict(p.sampling).get("max_tokens", 64) or 0)
-            for p in call.pieces
-            if p.kind == "output"
-        )
+        max_new = sum(sampling_of(p.sampling).max_tokens for p in call.pieces if p.kind == "output")
         fcfs = self.config.policy == "fcfs"
         return CallInfo(
             call_id=call.id,
@@ -345,7 +347,7 @@ class Scheduler:
             )
         )
         self.running[call.id] = (call, engine_name, task)
-        task.add_done_callback(lambda _t, c=call, st=stats: self._finished(c, st))
+        task.add_done_callback(lambda _: self._finished(call, stats))
 
     def _finished(self, call: SemanticCall, stats: CallStats) -> None:
         self.running.pop(call.id, None)

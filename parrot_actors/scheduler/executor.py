@@ -13,7 +13,13 @@ import time
 import msgspec
 
 from parrot_actors.engines.api import EngineClient
-from parrot_actors.errors import CallError, EngineDiedError, EngineError, ParrotError
+from parrot_actors.errors import (
+    CallError,
+    EngineDiedError,
+    EngineError,
+    InvalidRequestError,
+    ParrotError,
+)
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
     THROUGHPUT_PRIORITY,
@@ -45,12 +51,15 @@ class CallStats(msgspec.Struct, kw_only=True):
 
 
 def sampling_of(items: tuple[tuple[str, object], ...]) -> SamplingParams:
-    """SamplingParams from an output's sampling keywords (stop lists become tuples)."""
+    """SamplingParams from an output's sampling keywords (one stop string becomes a tuple).
+    Raises `InvalidRequestError` naming the keyword for a value of the wrong type."""
     kw = dict(items)
-    if "stop" in kw and kw["stop"] is not None:
-        stop = kw["stop"]
-        kw["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    return SamplingParams(**kw)
+    if isinstance(kw.get("stop"), str):
+        kw["stop"] = (kw["stop"],)
+    try:
+        return msgspec.convert(kw, SamplingParams)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"sampling: {exc}") from None
 
 
 def priority_of(call: SemanticCall) -> int:
@@ -78,20 +87,20 @@ async def _streamed(
     return result
 
 
-def first_segment(call: SemanticCall, engine: object) -> str:
+def first_segment(call: SemanticCall, engine: EngineClient) -> str:
     """The rendered prompt before the call's first output (chat-wrapped if the call asks).
     Raises `VariableError` if an input has no value yet."""
     buf = ""
     for piece in call.pieces:
         if piece.kind == "output":
             break
-        buf += piece.text if piece.kind == "text" else piece.var.value()
+        buf += piece.text if piece.kind == "text" else piece.variable.value()
     return engine.chat_prompt(buf) if call.chat else buf
 
 
 async def run_call(
     call: SemanticCall,
-    engine: object,
+    engine: EngineClient,
     stats: CallStats,
     ready_at: float,
     context_id: str,
@@ -118,11 +127,12 @@ async def run_call(
         for piece in call.pieces:
             if piece.kind != "output":
                 if buf is not None:
-                    buf += piece.text if piece.kind == "text" else piece.var.value()
+                    buf += piece.text if piece.kind == "text" else piece.variable.value()
                 continue
             if not created:
                 if prefix is not None:
-                    await prefix.ready
+                    if prefix.ready is not None:
+                        await prefix.ready
                     rest = prompt_ids[len(prefix.tokens) :]
                     await engine.fill(
                         context_id,
@@ -137,8 +147,10 @@ async def run_call(
                 await engine.fill(context_id, text=buf, priority=priority)
             buf = ""
             sampling = sampling_of(piece.sampling)
-            if tap is not None and tap.listening(piece.var):
-                result = await _streamed(engine, context_id, sampling, priority, tap, piece.var)
+            if tap is not None and tap.listening(piece.variable):
+                result = await _streamed(
+                    engine, context_id, sampling, priority, tap, piece.variable
+                )
             else:
                 result = await engine.generate(context_id, sampling, priority=priority)
             if not stats.ttft_s:
@@ -151,7 +163,7 @@ async def run_call(
                 stats.prompt_tokens,
                 stats.completion_tokens,
             )
-            piece.var.resolve(result.text)
+            piece.variable.resolve(result.text)
         advance(call, CallState.DONE)
     except BaseException as exc:
         if (

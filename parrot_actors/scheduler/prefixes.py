@@ -18,6 +18,8 @@ import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
+from parrot_actors.messages import FillResult
+
 
 @dataclass(eq=False)
 class PrefixEntry:
@@ -34,7 +36,7 @@ class PrefixEntry:
     tokens: tuple[int, ...]
     static: bool
     users: int = 0
-    ready: asyncio.Future | None = field(default=None, repr=False)
+    ready: asyncio.Future[FillResult] | None = field(default=None, repr=False)
 
 
 class PrefixManager:

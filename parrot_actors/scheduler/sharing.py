@@ -19,6 +19,7 @@ from typing import Any
 
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.errors import ParrotError
+from parrot_actors.messages import FillResult
 from parrot_actors.scheduler.executor import priority_of
 from parrot_actors.scheduler.policy import CallInfo, Placement
 from parrot_actors.scheduler.prefixes import PrefixEntry, PrefixManager
@@ -45,7 +46,7 @@ def prefix_text(call: SemanticCall, dynamic: bool) -> str:
         elif p.kind == "input":
             if not dynamic:
                 return text
-            return text + p.var.value()
+            return text + p.variable.value()
         else:
             break
     return text
@@ -70,7 +71,7 @@ class PrefixSharing:
         self.min_shared_tokens = min_shared_tokens
         self._keys: dict[int, list[str]] = {}
         self._lengths: OrderedDict[str, int] = OrderedDict()  # prefix key -> its tokens
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     # ---- a call's keys, from entering the graph to leaving it --------------------------------
 
@@ -116,7 +117,10 @@ class PrefixSharing:
     # ---- placement ------------------------------------------------------------------------
 
     def token_groups(
-        self, infos: Mapping[int, CallInfo], placements: list[Placement], ids: Mapping[int, list]
+        self,
+        infos: Mapping[int, CallInfo],
+        placements: list[Placement],
+        ids: Mapping[int, list[int]],
     ) -> dict[int, tuple[str, tuple[int, ...]]]:
         """Token-level sharing: calls placed on one engine in this round whose prompts share
         at least `min_shared_tokens` leading tokens that no prefix key predicted get an ad hoc
@@ -232,5 +236,5 @@ class PrefixSharing:
             await self.engines[entry.engine].free_context(entry.context_id)
 
 
-def _failed(fut: asyncio.Future) -> bool:
+def _failed(fut: asyncio.Future[FillResult]) -> bool:
     return fut.done() and (fut.cancelled() or fut.exception() is not None)

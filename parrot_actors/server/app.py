@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from parrot_actors.engines.api import EngineClient
+from parrot_actors.engines.engine import EngineConfig
 from parrot_actors.runtime import Runtime
 from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.server.auth import auth_middleware
@@ -107,7 +109,7 @@ class Server:
 
 
 async def start_server(
-    engines: Sequence[object] | None = None,
+    engines: Sequence[EngineConfig | EngineClient] | None = None,
     config: ServerConfig | None = None,
     scheduler: SchedulerConfig | None = None,
     runtime: Runtime | None = None,
@@ -135,7 +137,9 @@ async def start_server(
 
 
 async def serve_forever(
-    engines: Sequence[object], config: ServerConfig, scheduler: SchedulerConfig | None = None
+    engines: Sequence[EngineConfig | EngineClient],
+    config: ServerConfig,
+    scheduler: SchedulerConfig | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; prints the URL once listening."""
     server = await start_server(engines, config, scheduler)
@@ -152,7 +156,9 @@ async def serve_forever(
 
 
 def run(
-    engines: Sequence[object], config: ServerConfig, scheduler: SchedulerConfig | None = None
+    engines: Sequence[EngineConfig | EngineClient],
+    config: ServerConfig,
+    scheduler: SchedulerConfig | None = None,
 ) -> None:
     """Blocking entry point: `serve_forever` on uvloop when it is installed."""
     try:

@@ -10,9 +10,9 @@ Keys are compared in constant time (`hmac.compare_digest`).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from parrot_actors.server.errors import ApiKeyError
 
@@ -31,13 +31,13 @@ def _accepts(request: web.Request, key: str) -> bool:
     return sum(hmac.compare_digest(k.encode(), want) for k in _offered(request)) > 0
 
 
-def auth_middleware(api_key: str | None, metrics_key: str | None) -> Callable:
+def auth_middleware(api_key: str | None, metrics_key: str | None) -> Middleware:
     """An aiohttp middleware enforcing `api_key` on /v1/* and `metrics_key` on /health and
     /metrics (None: that part is open). Raises `ApiKeyError` (401), which names the header to
     send but never echoes what was sent."""
 
     @web.middleware
-    async def check(request: web.Request, handler: Callable) -> web.StreamResponse:
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if path.startswith("/v1/"):
             key, what = api_key, "API key"

@@ -11,6 +11,9 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from parrot_actors.engines.api import EngineClient
+from parrot_actors.engines.engine import EngineConfig
+from parrot_actors.runtime import Runtime
 from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.server.app import Server, start_server
 from parrot_actors.server.config import ServerConfig
@@ -30,7 +33,7 @@ class BackgroundServer:
 
     def __init__(
         self,
-        engines: Sequence[object],
+        engines: Sequence[EngineConfig | EngineClient],
         config: ServerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         start_timeout_s: float = 120.0,
@@ -50,8 +53,9 @@ class BackgroundServer:
         return self.server.url
 
     @property
-    def runtime(self) -> object:
+    def runtime(self) -> Runtime:
         """The shared runtime (touch it only through `call`)."""
+        assert self.server is not None, "the server is not started"
         return self.server.runtime
 
     def start(self) -> BackgroundServer:
@@ -78,6 +82,7 @@ class BackgroundServer:
 
     def call(self, fn: Callable[[], Awaitable[T]], timeout_s: float = 60.0) -> T:
         """Run `fn()` on the server's loop; its result (or exception)."""
+        assert self.loop is not None, "the server is not started"
         return asyncio.run_coroutine_threadsafe(_invoke(fn), self.loop).result(timeout_s)
 
     def stop(self) -> None:

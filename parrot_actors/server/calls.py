@@ -8,6 +8,7 @@ one. All validation happens before anything is registered: a rejected call leave
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from parrot_actors.messages import SamplingParams
 from parrot_actors.server.errors import BadRequestError, ConflictError
@@ -54,7 +55,8 @@ def sampling_items(
     """An output's sampling keywords: the call's defaults overridden by the output's own,
     sorted as `Piece.sampling` holds them. Raises `InvalidRequestError` (400) for values the
     engines refuse."""
-    kw: dict[str, object] = {}
+    # `Sampling` field values (typed by the decoder) for the same-named `SamplingParams` fields.
+    kw: dict[str, Any] = {}
     for s in (defaults, own):
         if s is None:
             continue

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import weakref
+from typing import Literal, TypeAlias, TypeVar, overload
 
 import aiohttp
 import msgspec
@@ -43,6 +44,17 @@ log = logging.getLogger("parrot_actors.client")
 
 API_KEY_ENV = "PARROT_ACTORS_API_KEY"
 """Environment variable holding the service's API key (read by `serve` and by clients)."""
+
+T = TypeVar("T")
+
+_Item: TypeAlias = (
+    tuple[Literal["call"], SemanticCall]
+    | tuple[Literal["get"], Variable, str]
+    | tuple[Literal["set", "cancel"], Variable]
+    | tuple[Literal["flush"], asyncio.Future[None]]
+)
+"""What the sender sends, in order: a call, a waiting GET (with its objective), a set, a
+cancel, or a flush marker (resolved once everything before it was sent)."""
 
 
 class RemoteRuntime(CurrentRuntime):
@@ -84,12 +96,12 @@ class RemoteRuntime(CurrentRuntime):
         api_key = api_key or os.environ.get(API_KEY_ENV)
         self._key: dict[str, str] = {"X-Api-Key": api_key} if api_key else {}
         self._auth: dict[str, str] = {}
-        self._queue: asyncio.Queue | None = None
-        self._sender: asyncio.Task | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._sender: asyncio.Task[None] | None = None
         self._known: set[str] = set()
         self._pending_remote: set[str] = set()
         self._vars: weakref.WeakValueDictionary[str, Variable] = weakref.WeakValueDictionary()
-        self._fetching: dict[str, asyncio.Task | None] = {}
+        self._fetching: dict[str, asyncio.Task[None] | None] = {}
         self._call_ids: dict[int, int] = {}  # the service's call id -> ours
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -103,15 +115,19 @@ class RemoteRuntime(CurrentRuntime):
         )
         try:
             created = await self._request(
-                "POST", "/v1/sessions", CreateSession(ttl_s=self.session_ttl_s), SessionCreated
+                "POST",
+                "/v1/sessions",
+                CreateSession(ttl_s=self.session_ttl_s),
+                type_=SessionCreated,
             )
         except BaseException:
             await self._http.close()
             raise
         self.session_id = created.session_id
         self._auth = {"Authorization": f"Bearer {created.token}"}
-        self._queue = asyncio.Queue()
-        self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._queue = queue
+        self._sender = asyncio.get_running_loop().create_task(self._send_loop(queue))
 
     async def close(self) -> None:
         """Stop sending, end the session (the service cancels its calls and frees their
@@ -181,9 +197,9 @@ class RemoteRuntime(CurrentRuntime):
 
     # ---- the sender -------------------------------------------------------------------------
 
-    async def _send_loop(self) -> None:
+    async def _send_loop(self, queue: asyncio.Queue[_Item]) -> None:
         while True:
-            item = await self._queue.get()
+            item = await queue.get()
             try:
                 await self._process(item)
             except asyncio.CancelledError:
@@ -191,24 +207,25 @@ class RemoteRuntime(CurrentRuntime):
             except Exception:  # one bad item must never stop the ones behind it
                 log.exception("sending %s failed", item[0])
 
-    async def _process(self, item: tuple) -> None:
-        kind, var = item[0], item[1]
-        if kind == "call":
-            await self._send_call(var)
-        elif kind == "get":
+    async def _process(self, item: _Item) -> None:
+        if item[0] == "call":
+            await self._send_call(item[1])
+        elif item[0] == "get":
+            var, perf = item[1], item[2]
             if var.done() or var.id not in self._known:
                 self._fetching.pop(var.id, None)
             else:
                 self._fetching[var.id] = asyncio.get_running_loop().create_task(
-                    self._fetch(var, item[2])
+                    self._fetch(var, perf)
                 )
-        elif kind == "set" and var.id in self._pending_remote:
+        elif item[0] == "set" and item[1].id in self._pending_remote:
+            var = item[1]
             self._pending_remote.discard(var.id)
             await self._quiet("PUT", f"/v1/variables/{var.id}", SetVariable(value=var.value()))
-        elif kind == "cancel" and var.id in self._known:
-            await self._quiet("POST", f"/v1/variables/{var.id}/cancel")
-        elif kind == "flush":
-            var.set_result(None)
+        elif item[0] == "cancel" and item[1].id in self._known:
+            await self._quiet("POST", f"/v1/variables/{item[1].id}/cancel")
+        elif item[0] == "flush":
+            item[1].set_result(None)
 
     async def _send_call(self, call: SemanticCall) -> None:
         if call.state is CallState.FAILED:  # cancelled before it was sent
@@ -221,7 +238,7 @@ class RemoteRuntime(CurrentRuntime):
                 return
         req = encode_call(call, self._known)
         try:
-            accepted = await self._request("POST", "/v1/calls", req, CallAccepted)
+            accepted = await self._request("POST", "/v1/calls", req, type_=CallAccepted)
         except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             err = CallError(f"{call.function_name}#{call.id}: the service refused it: {exc}")
             err.__cause__ = exc
@@ -287,26 +304,56 @@ class RemoteRuntime(CurrentRuntime):
         """Wait until everything submitted so far has been sent (and answered)."""
         if self._queue is None:
             return
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(("flush", fut))
         await fut
 
     # ---- HTTP -------------------------------------------------------------------------------
+
+    @overload
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: object | None = None,
+        *,
+        type_: type[T],
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> T: ...
+
+    @overload
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: object | None = None,
+        *,
+        type_: None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None: ...
 
     async def _request(
         self,
         method: str,
         path: str,
         body: object | None = None,
-        type_: type | None = None,
+        *,
+        type_: type[T] | None = None,
         params: dict[str, str] | None = None,
         timeout: float | None = None,
-    ) -> object:
+    ) -> T | None:
+        """`body` (a msgspec struct, or None) as JSON; the answer decoded as `type_` (None: not
+        decoded). Raises the service's typed error for a 4xx/5xx answer, `TemplateError` when
+        not started."""
         self.requests_sent += 1
         data = msgspec.json.encode(body) if body is not None else None
         headers = {**self._key, **self._auth}
         if data is not None:
             headers["Content-Type"] = "application/json"
+        if self._http is None:
+            raise TemplateError("the remote runtime is not started: use `async with`")
         async with self._http.request(
             method,
             self.url + path,

@@ -3,6 +3,8 @@ typed exceptions."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from parrot_actors.errors import ParrotError
@@ -31,7 +33,7 @@ def encode_call(call: SemanticCall, known: set[str]) -> SubmitCall:
             else:
                 parts.append(piece.text)
             continue
-        var = piece.var
+        var = piece.variable
         if piece.kind == "output":
             if var.id not in known:  # created with its name, for the same error messages
                 new.append(NewVariable(id=var.id, name=var.name[:_NAME_LIMIT]))
@@ -57,7 +59,9 @@ def encode_call(call: SemanticCall, known: set[str]) -> SubmitCall:
 
 def to_sampling(items: tuple[tuple[str, object], ...]) -> Sampling:
     """An output's sampling keywords (as `Piece.sampling` holds them) as a `Sampling`."""
-    kw = dict(items)
+    # The app's keyword values (`pa.Output` accepts any object) go on unchecked: the service
+    # validates them, as the engines do embedded.
+    kw: dict[str, Any] = dict(items)
     stop = kw.get("stop")
     if stop is not None and not isinstance(stop, str):
         kw["stop"] = list(stop)

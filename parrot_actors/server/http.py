@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from typing import TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from parrot_actors.errors import ParrotError
 from parrot_actors.server.errors import (
@@ -24,6 +26,8 @@ from parrot_actors.server.errors import (
 from parrot_actors.server.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("parrot_actors.server")
+
+T = TypeVar("T")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -45,8 +49,8 @@ def error_response(status: int, body: ErrorBody) -> web.Response:
 
 
 async def read_body(
-    request: web.Request, type_: type, limit: int, allow_empty: bool = False
-) -> object:
+    request: web.Request, type_: type[T], limit: int, allow_empty: bool = False
+) -> T:
     """Decode the request body (JSON) as `type_`. An empty body decodes as `{}` when
     `allow_empty`. Raises `PayloadTooLargeError` over `limit` bytes and `BadRequestError`
     naming the field for malformed JSON, wrong types or unknown fields."""
@@ -98,7 +102,7 @@ def sse_event(data: bytes, event: str | None = None) -> bytes:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: object) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into a JSON answer: `ParrotError`s by `status_of`, aiohttp's own HTTP
     errors (unknown route 404, wrong method 405, body too large 413) with their status, and
     anything else into a logged 500 (a bug, never the client's input)."""

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,8 +19,10 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from parrot_actors.runtime import Runtime
 
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -46,32 +49,32 @@ _ENGINE_GAUGES = {
 class _LiveCollector:
     """Reads engine stats, scheduler queues and the session count when scraped."""
 
-    def __init__(self, runtime: object, sessions: Callable[[], int]) -> None:
+    def __init__(self, runtime: Runtime, sessions: Callable[[], int]) -> None:
         self.runtime = runtime
         self.sessions = sessions
 
-    def collect(self) -> Iterator[object]:
-        stats = [e.stats() for e in getattr(self.runtime, "engines", [])]
+    def collect(self) -> Iterator[Metric]:
+        stats = [e.stats() for e in self.runtime.engines]
         for field, doc in _ENGINE_COUNTERS.items():
-            fam = CounterMetricFamily(f"parrot_engine_{field}", doc, labels=["engine"])
+            counter = CounterMetricFamily(f"parrot_engine_{field}", doc, labels=["engine"])
             for s in stats:
-                fam.add_metric([s.name], getattr(s, field))
-            yield fam
+                counter.add_metric([s.name], getattr(s, field))
+            yield counter
         for field, doc in _ENGINE_GAUGES.items():
-            fam = GaugeMetricFamily(f"parrot_engine_{field}", doc, labels=["engine"])
+            gauge = GaugeMetricFamily(f"parrot_engine_{field}", doc, labels=["engine"])
             for s in stats:
-                fam.add_metric([s.name], int(s.healthy) if field == "up" else getattr(s, field))
-            yield fam
-        scheduler = getattr(self.runtime, "scheduler", None)
+                gauge.add_metric([s.name], int(s.healthy) if field == "up" else getattr(s, field))
+            yield gauge
+        scheduler = self.runtime.scheduler  # None until the runtime starts
         yield GaugeMetricFamily(
             "parrot_scheduler_ready_calls",
             "calls ready and waiting for an engine",
-            value=len(getattr(scheduler, "ready", ())),
+            value=len(scheduler.ready) if scheduler is not None else 0,
         )
         yield GaugeMetricFamily(
             "parrot_scheduler_running_calls",
             "calls running on engines",
-            value=len(getattr(scheduler, "running", ())),
+            value=len(scheduler.running) if scheduler is not None else 0,
         )
         yield GaugeMetricFamily("parrot_sessions", "live sessions", value=self.sessions())
 
@@ -81,7 +84,7 @@ class Metrics:
     counters, variable wait times, the live engine/scheduler/session gauges (engine health:
     `parrot_engine_up`, `parrot_engine_restarts_total`), and the process's own (memory, CPU)."""
 
-    def __init__(self, runtime: object, sessions: Callable[[], int]) -> None:
+    def __init__(self, runtime: Runtime, sessions: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "parrot_http_requests",
@@ -123,12 +126,12 @@ class Metrics:
         """The text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def middleware(self) -> Callable:
+    def middleware(self) -> Middleware:
         """An aiohttp middleware counting requests by route template (not raw path, so random
         paths cannot blow up the label set), method and status, and timing them."""
 
         @web.middleware
-        async def record(request: web.Request, handler: Callable) -> web.StreamResponse:
+        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
             start = time.perf_counter()
             status = 500
             try:

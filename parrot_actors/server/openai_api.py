@@ -91,8 +91,8 @@ class OpenAIAPI:
         req: CompletionRequest | ChatRequest,
     ) -> web.StreamResponse:
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, req.model, prompt, sampling, fmt, usage)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream(request, req.model, prompt, sampling, fmt, include_usage)
         for attempt in range(2):
             engine = self.router.pick(req.model)
             try:
@@ -190,7 +190,7 @@ def _check_neutral(req: CompletionRequest | ChatRequest) -> None:
         raise BadRequestError("logit_bias: not supported (send {} or leave it out)")
 
 
-def _check_unsupported(req: object, **neutral: object) -> None:
+def _check_unsupported(req: CompletionRequest | ChatRequest, **neutral: object) -> None:
     for field, value in neutral.items():
         got = getattr(req, field)
         if got is not None and got != value:

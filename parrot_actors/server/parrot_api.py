@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -70,7 +72,7 @@ class ParrotAPI:
         self.config = config
         self.metrics = metrics
         self.tap = runtime.tap
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     def routes(self) -> list[web.RouteDef]:
         """The API's routes."""
@@ -200,7 +202,12 @@ class ParrotAPI:
             queue: asyncio.Queue[str | None] = asyncio.Queue()
             stop = self.tap.listen(var, queue.put_nowait)
             getter = asyncio.ensure_future(var.get(perf))
-            getter.add_done_callback(lambda t: (_retrieve(t), queue.put_nowait(None)))
+
+            def settled(task: asyncio.Future[str]) -> None:
+                _retrieve(task)
+                queue.put_nowait(None)
+
+            getter.add_done_callback(settled)
             try:
                 sent = await self._relay(resp, queue, timeout)
                 if sent is None:
@@ -220,7 +227,7 @@ class ParrotAPI:
             return resp
 
     async def _relay(
-        self, resp: web.StreamResponse, queue: asyncio.Queue, timeout: float
+        self, resp: web.StreamResponse, queue: asyncio.Queue[str | None], timeout: float
     ) -> str | None:
         """Forward token texts until the variable settles; the text sent, or None on timeout."""
         sent: list[str] = []
@@ -240,6 +247,7 @@ class ParrotAPI:
     ) -> None:
         state = self.state(s, var)
         if state.state == "failed":
+            assert state.error is not None, "`state` gives a failed variable its error"
             body = msgspec.json.encode(ErrorResponse(error=state.error))
             await resp.write(sse_event(body, "error"))
             return
@@ -253,7 +261,7 @@ class ParrotAPI:
             await resp.write(sse_event(msgspec.json.encode(rest), "token"))
         await resp.write(sse_event(msgspec.json.encode(state), "done"))
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)  # a strong reference until it is done
         task.add_done_callback(self._background.discard)
@@ -279,11 +287,13 @@ class ParrotAPI:
     async def events(self, request: web.Request) -> web.Response:
         """GET /v1/events: where and how the session's calls ran (see `CallEvents`)."""
         mine = self.sessions.authenticate(request).calls
-        log = self.runtime.scheduler.event_log
+        scheduler = self.runtime.scheduler
+        assert scheduler is not None, "the service runs over a started runtime"
+        log = scheduler.event_log
         return json_response(CallEvents(events=[e for e in log if e[1] in mine]))
 
 
-def _retrieve(task: asyncio.Future) -> None:
+def _retrieve(task: asyncio.Future[str]) -> None:
     # A variable's failure is reported in its state; mark the task's exception as seen.
     if not task.cancelled():
         task.exception()

@@ -90,8 +90,9 @@ def completion_prompt(prompt: str | list[str | int]) -> str | list[int]:
         return prompt
     if len(prompt) == 1 and isinstance(prompt[0], str):
         return prompt[0]
-    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return list(prompt)
+    token_ids = [t for t in prompt if isinstance(t, int) and not isinstance(t, bool)]
+    if prompt and len(token_ids) == len(prompt):
+        return token_ids
     raise BadRequestError(
         "prompt: give one text, a list of one text, or a non-empty list of token ids "
         "(batched prompts are not supported; send one request each)"

@@ -154,7 +154,7 @@ class SessionManager:
         self.config = config
         self.by_token: dict[str, Session] = {}
         self._ids = itertools.count(1)
-        self._reaper: asyncio.Task | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self.by_token)
@@ -224,7 +224,9 @@ class SessionManager:
     async def reclaim(self, call_ids: list[int]) -> None:
         """Wait up to `config.teardown_s` seconds for the cancelled calls `call_ids` to stop and
         for the engines to apply their frees."""
-        tasks = self.runtime.scheduler.tasks_of(set(call_ids))
+        scheduler = self.runtime.scheduler
+        assert scheduler is not None, "the service runs over a started runtime"
+        tasks = scheduler.tasks_of(set(call_ids))
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.teardown_s)
         with contextlib.suppress(asyncio.TimeoutError):

@@ -27,7 +27,7 @@ class CurrentRuntime:
     make the runtime current for semantic function calls; on exit, restore the previous one
     and `close()`. Subclasses define `start`, `close` and `submit`."""
 
-    _token: contextvars.Token | None = None
+    _token: contextvars.Token[CurrentRuntime | None] | None = None
 
     async def start(self) -> None:
         """Start the runtime (actors, sessions, connections)."""

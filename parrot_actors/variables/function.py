@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Any, overload
 
 from parrot_actors.errors import TemplateError
 from parrot_actors.variables.current import current_runtime
@@ -23,7 +24,7 @@ class SemanticFunction:
     """
 
     def __init__(
-        self, fn: Callable, defaults: dict[str, object], model: str | None, chat: bool
+        self, fn: Callable[..., Any], defaults: dict[str, object], model: str | None, chat: bool
     ) -> None:
         self.fn = fn
         self.name = fn.__name__
@@ -77,16 +78,33 @@ class SemanticFunction:
         )
         return call, [outs[n] for n in self._output_order]
 
-    def __call__(self, *args: object, **kwargs: object) -> Variable | tuple[Variable, ...]:
+    def __call__(self, *args: object, **kwargs: object) -> Any:
+        """Submit the call; its output `Variable`, or a tuple of them in parameter order when
+        the template has several outputs (so the static type is `Any`)."""
         runtime = current_runtime()
         call, outs = self.bind(*args, **kwargs)
         runtime.submit(call)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+@overload
+def semantic_function(fn: Callable[..., Any], /) -> SemanticFunction: ...
+
+
+@overload
 def semantic_function(
-    fn: Callable | None = None, *, model: str | None = None, chat: bool = False, **sampling: object
-) -> Callable:
+    fn: None = None, /, *, model: str | None = None, chat: bool = False, **sampling: object
+) -> Callable[[Callable[..., Any]], SemanticFunction]: ...
+
+
+def semantic_function(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    model: str | None = None,
+    chat: bool = False,
+    **sampling: object,
+) -> SemanticFunction | Callable[[Callable[..., Any]], SemanticFunction]:
     """Decorator: `@pa.semantic_function(max_tokens=..., temperature=..., top_p=..., top_k=...,
     stop=[...], seed=..., model=None, chat=False)`; also usable bare. Sampling keywords are
     defaults for every output (`pa.Output(...)` overrides per output). `model` names the model
@@ -100,7 +118,7 @@ def semantic_function(
             f"{sampling_keys()} plus model and chat"
         )
 
-    def wrap(f: Callable) -> SemanticFunction:
+    def wrap(f: Callable[..., Any]) -> SemanticFunction:
         return SemanticFunction(f, sampling, model, chat)
 
     return wrap(fn) if fn is not None else wrap

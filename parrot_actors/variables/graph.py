@@ -33,6 +33,13 @@ class Piece:
     var: Variable | None = None
     sampling: tuple[tuple[str, object], ...] = ()
 
+    @property
+    def variable(self) -> Variable:
+        """The variable of an input or output piece. Raises `ValueError` on a text piece."""
+        if self.var is None:
+            raise ValueError(f"a {self.kind} piece has no variable")
+        return self.var
+
 
 @dataclass(eq=False)
 class SemanticCall:
@@ -60,12 +67,12 @@ class SemanticCall:
     @property
     def inputs(self) -> list[Variable]:
         """Input variables, in first-use order, without repeats."""
-        return list(dict.fromkeys(p.var for p in self.pieces if p.kind == "input"))
+        return list(dict.fromkeys(p.variable for p in self.pieces if p.kind == "input"))
 
     @property
     def outputs(self) -> list[Variable]:
         """Output variables in template order."""
-        return [p.var for p in self.pieces if p.kind == "output"]
+        return [p.variable for p in self.pieces if p.kind == "output"]
 
     def is_ready(self) -> bool:
         """Every input has resolved."""
@@ -133,7 +140,7 @@ def prefix_hash(call: SemanticCall) -> tuple[str | None, str | None]:
                 static = _h("s:" + p.text)
             lead.append("t:" + p.text)
         elif p.kind == "input":
-            lead.append("v:" + p.var.id)
+            lead.append("v:" + p.variable.id)
             dynamic = _h("d:" + "\x00".join(lead))
             break
         else:

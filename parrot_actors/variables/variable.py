@@ -57,7 +57,7 @@ class Variable:
         self._value: str | None = None
         self._error: BaseException | None = None
         self._done = False
-        self._waiters: list[asyncio.Future] = []
+        self._waiters: list[asyncio.Future[None]] = []
         self._owner: VariableOwner | None = None
         if value is not None:
             self.set(value)
@@ -107,7 +107,7 @@ class Variable:
             if self._owner is not None:
                 self._owner.on_demand(self, perf)
         if not self._done:  # the demand itself may have settled it (e.g. a call that failed)
-            fut = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             await fut
         return self.value()

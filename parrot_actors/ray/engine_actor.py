@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from parrot_actors.engines.api import Tokenizer
 from parrot_actors.engines.engine import Engine, EngineConfig
 from parrot_actors.errors import InvalidRequestError
-from parrot_actors.messages import LATENCY_PRIORITY, SamplingParams, TokenDelta
+from parrot_actors.messages import TokenDelta
 from parrot_actors.ray.wire import EngineInfo, OpResult
 
 OPS = frozenset({"fill", "generate", "free_context"})
@@ -84,20 +85,12 @@ class EngineActor:
         result = await getattr(engine, op)(*args)
         return OpResult(result, self.incarnation, engine.stats())
 
-    async def stream(
-        self,
-        context_id: str,
-        sampling: SamplingParams | None = None,
-        parent_context_id: str | None = None,
-        priority: int = LATENCY_PRIORITY,
-    ) -> AsyncIterator[TokenDelta]:
-        """`engine.generate_stream(...)` with these arguments: one `TokenDelta` per token. Call
-        it with `num_returns="streaming"` (Ray generators); cancelling the generator ref stops
-        it."""
+    async def stream(self, *args: Any) -> AsyncIterator[TokenDelta]:
+        """`engine.generate_stream(*args)` (its signature, forwarded as it is): one
+        `TokenDelta` per token. Call it with `num_returns="streaming"` (Ray generators);
+        cancelling the generator ref stops it."""
         engine = await self._get()
-        async for delta in engine.generate_stream(
-            context_id, sampling, parent_context_id, priority
-        ):
+        async for delta in engine.generate_stream(*args):
             yield delta
 
     async def close(self) -> None:

@@ -25,7 +25,7 @@ from parrot_actors.variables.current import CurrentRuntime
 from parrot_actors.variables.graph import (
     SemanticCall,
     assign_task_group,
-    check_acyclic,
+    link,
     mark_objective,
 )
 from parrot_actors.variables.lifecycle import CallState, advance, finished
@@ -144,11 +144,7 @@ class Runtime(CurrentRuntime):
     def submit(self, call: SemanticCall) -> None:
         """Add a call to the graph; it runs once its inputs resolve and an output is wanted.
         Raises `CallError` for a cycle or an output that already has a producer or value."""
-        check_acyclic(call)
-        for v in call.outputs:
-            v.producer = call
-        for v in call.inputs:
-            v.consumers.append(call)
+        link(call)
         for v in call.inputs + call.outputs:
             if not v.owned_by(self):
                 v.attach(self)

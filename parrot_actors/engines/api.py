@@ -134,6 +134,31 @@ class EngineClient(Protocol):
         ...
 
 
+class TokenizerMethods:
+    """`EngineClient`'s text methods over `self.tokenizer` (a Hugging Face tokenizer), for the
+    engines that hold one (`Engine`, and `RayEngine` with its actor's tokenizer)."""
+
+    tokenizer: Tokenizer
+
+    def tokenize(self, text: str, first: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens (e.g. BOS) only when `first` (a context's
+        first fill), as the tokenizer adds them to a whole prompt."""
+        return list(self.tokenizer.encode(text, add_special_tokens=first))
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Text of `token_ids`, special tokens skipped."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The conversation in the model's chat template, ready for the reply (see
+        `render_messages`). Raises `InvalidRequestError` when the template refuses it."""
+        return render_messages(self.tokenizer, messages)
+
+    def chat_prompt(self, text: str) -> str:
+        """`text` as one user message in the model's chat template, ready for the reply."""
+        return self.render_chat([{"role": "user", "content": text}])
+
+
 def render_messages(tokenizer: Tokenizer | None, messages: list[dict[str, str]]) -> str:
     """A conversation as a prompt: the tokenizer's chat template with the generation prompt,
     or, for a model (or fake engine) without one, `<role>content</role>` frames ending in
@@ -151,4 +176,4 @@ def render_messages(tokenizer: Tokenizer | None, messages: list[dict[str, str]])
     return frames + "<assistant>"
 
 
-__all__ = ["EngineClient", "Tokenizer", "render_messages"]
+__all__ = ["EngineClient", "Tokenizer", "TokenizerMethods", "render_messages"]

@@ -28,7 +28,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,7 +36,7 @@ import msgspec
 import torch
 
 from parrot_actors.cuda.backend import make_backend
-from parrot_actors.engines.api import EngineClient, render_messages
+from parrot_actors.engines.api import EngineClient, TokenizerMethods
 from parrot_actors.engines.core import EngineCore, FinishCallback, Request
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.model_loader import DEFAULT_MODEL, load_model, random_model
@@ -183,7 +183,7 @@ class _Command:
     must_run: bool = False
 
 
-class Engine:
+class Engine(TokenizerMethods):
     """One model, its KV cache and its contexts, serving fills and generates concurrently.
 
     Create with `await Engine.start(config)`; stop with `await engine.close()`. Attributes:
@@ -397,24 +397,6 @@ class Engine:
                 del self._tails[context_id]
 
     # ---- the engine API ---------------------------------------------------------------------
-
-    def tokenize(self, text: str, first: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens (e.g. BOS) only when `first` (a context's
-        first fill), as the tokenizer adds them to a whole prompt."""
-        return list(self.tokenizer.encode(text, add_special_tokens=first))
-
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        """Text of `token_ids`, special tokens skipped."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The conversation in the model's chat template, ready for the reply (see
-        `render_messages`). Raises `InvalidRequestError` when the template refuses it."""
-        return render_messages(self.tokenizer, messages)
-
-    def chat_prompt(self, text: str) -> str:
-        """`text` as one user message in the model's chat template, ready for the reply."""
-        return self.render_chat([{"role": "user", "content": text}])
 
     def _starts_empty(self, context_id: str, parent_context_id: str | None) -> bool:
         # A read of the core (safe during a step): ops on this context and its parent are

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,7 +28,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from parrot_actors.engines.api import EngineClient, Tokenizer, render_messages
+from parrot_actors.engines.api import EngineClient, Tokenizer, TokenizerMethods
 from parrot_actors.errors import ContextNotFoundError, EngineDiedError, EngineError, ParrotError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -57,7 +57,7 @@ class _Ctx:
     replayable: bool = True
 
 
-class RayEngine:
+class RayEngine(TokenizerMethods):
     """The engine API over the engine actor `handle` (see the module docstring).
 
     Build with `await RayEngine.connect(handle)`. Attributes: `name`, `model_name`, `aliases`,
@@ -115,23 +115,6 @@ class RayEngine:
         return f"RayEngine({self.name!r}, healthy={self.healthy}, incarnation={self.incarnation})"
 
     # ---- local answers ------------------------------------------------------------------
-
-    def tokenize(self, text: str, first: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens only when `first` (as `Engine.tokenize`)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=first))
-
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        """Text of `token_ids`, special tokens skipped."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The conversation in the model's chat template, ready for the reply (see
-        `render_messages`). Raises `InvalidRequestError` when the template refuses it."""
-        return render_messages(self.tokenizer, messages)
-
-    def chat_prompt(self, text: str) -> str:
-        """`text` wrapped as one user message of the model's chat template."""
-        return self.render_chat([{"role": "user", "content": text}])
 
     def stats(self) -> EngineStats:
         """The engine's counters as of the last answer or refresh (a copy); `healthy` is False

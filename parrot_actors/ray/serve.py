@@ -12,8 +12,6 @@ by the spawner (tied to this process unless `SpawnOptions.detached`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 from collections.abc import Sequence
 
 from parrot_actors.engines.api import EngineClient
@@ -24,7 +22,7 @@ from parrot_actors.ray.proxy import RayEngine
 from parrot_actors.ray.spawn import SpawnOptions, spawn_engines
 from parrot_actors.runtime import Runtime, with_scheduler_caching
 from parrot_actors.scheduler.config import SchedulerConfig
-from parrot_actors.server.app import start_server
+from parrot_actors.server.app import serve_forever
 from parrot_actors.server.config import ServerConfig
 
 
@@ -96,17 +94,7 @@ async def serve_ray(
     runtime = RaySharedRuntime(address, engines, scheduler, spawn)
     await runtime.start()
     try:
-        server = await start_server(config=config, runtime=runtime)
-        print(f"parrot-actors serving on {server.url} (engines on Ray)", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await server.close()
+        await serve_forever((), config, runtime=runtime, label=" (engines on Ray)")
     finally:
         await runtime.close()
 

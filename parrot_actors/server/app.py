@@ -140,10 +140,13 @@ async def serve_forever(
     engines: Sequence[EngineConfig | EngineClient],
     config: ServerConfig,
     scheduler: SchedulerConfig | None = None,
+    runtime: Runtime | None = None,
+    label: str = "",
 ) -> None:
-    """Serve until SIGINT/SIGTERM; prints the URL once listening."""
-    server = await start_server(engines, config, scheduler)
-    print(f"parrot-actors serving on {server.url}", flush=True)
+    """Serve until SIGINT/SIGTERM (over `runtime` when given, which stays the caller's to
+    close); prints "parrot-actors serving on URL" and `label` once listening."""
+    server = await start_server(engines, config, scheduler, runtime=runtime)
+    print(f"parrot-actors serving on {server.url}{label}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

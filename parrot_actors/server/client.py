@@ -35,7 +35,7 @@ from parrot_actors.server.protocol import (
     VariableState,
 )
 from parrot_actors.variables.current import CurrentRuntime
-from parrot_actors.variables.graph import SemanticCall, check_acyclic
+from parrot_actors.variables.graph import SemanticCall, link
 from parrot_actors.variables.lifecycle import CallState, advance, finished
 from parrot_actors.variables.perf import LATENCY
 from parrot_actors.variables.variable import Variable
@@ -157,11 +157,7 @@ class RemoteRuntime(CurrentRuntime):
         an output that already has a producer or value, `TemplateError` when not started."""
         if self._queue is None:
             raise TemplateError("the remote runtime is not started: use `async with`")
-        check_acyclic(call)
-        for v in call.outputs:
-            v.producer = call
-        for v in call.inputs:
-            v.consumers.append(call)
+        link(call)
         for v in call.inputs + call.outputs:
             self._vars[v.id] = v
             if not v.owned_by(self):

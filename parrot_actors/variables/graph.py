@@ -200,6 +200,16 @@ def assign_task_group(call: SemanticCall) -> None:
             m.task_group = call.id
 
 
+def link(call: SemanticCall) -> None:
+    """Put `call` into the graph: it becomes its outputs' producer and a consumer of its
+    inputs. Raises `CallError` (changing nothing) as `check_acyclic` does."""
+    check_acyclic(call)
+    for v in call.outputs:
+        v.producer = call
+    for v in call.inputs:
+        v.consumers.append(call)
+
+
 def check_acyclic(call: SemanticCall) -> None:
     """Raise `CallError` if `call` would need its own output, directly or through others, or
     produce a variable that already has a value or a producer."""

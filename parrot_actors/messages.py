@@ -23,6 +23,8 @@ MAX_STOP_STRINGS = 32
 """Stop strings per request at most (each one is searched for after every token)."""
 MAX_STOP_CHARS = 512
 """Characters per stop string at most."""
+MAX_LOGPROBS = 20
+"""Most likely alternatives reported per token at most (OpenAI's limit)."""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,6 +41,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     characters); the returned text stops before the first match.
     stop_token_ids: token ids that end generation; None means the model's EOS ids.
     ignore_eos: keep going past EOS (benchmarks use it to fix output lengths).
+    logprobs: None, or report each generated token's log-probability and the `logprobs` (0 to
+    `MAX_LOGPROBS`) most likely alternatives: log-softmax of the model's logits divided by the
+    temperature (of the raw logits when greedy), before top-k and top-p.
 
     Raises `InvalidRequestError` from `validate()` naming the bad field and the allowed range.
     """
@@ -51,6 +56,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def validate(self) -> SamplingParams:
         """Return self if every field is in range, else raise `InvalidRequestError`."""
@@ -67,6 +73,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidRequestError(
                 f"seed={self.seed!r}: must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs={self.logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}]"
             )
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError(
@@ -87,8 +97,11 @@ class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
     text: decoded text, cut before a matched stop string.
     finish_reason: "stop" (EOS, stop token or stop string) or "length" (max_tokens reached).
     prompt_tokens: tokens in the context before generation. completion_tokens: len(token_ids).
+    context_len: tokens in the context afterwards (a stop token never enters it).
     ttft_s / decode_s: seconds from request arrival to the first token, and from the first to
-    the last token.
+    the last token. logprobs / top_logprobs: when `SamplingParams.logprobs` asked for them, per
+    generated token its log-probability and the `logprobs` most likely (token id,
+    log-probability) pairs (see `SamplingParams`).
     """
 
     token_ids: list[int]
@@ -96,8 +109,11 @@ class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    context_len: int = 0
     ttft_s: float = 0.0
     decode_s: float = 0.0
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class TokenDelta(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,6 +126,8 @@ class TokenDelta(msgspec.Struct, frozen=True, kw_only=True):
     text: str
     finish_reason: str | None = None
     result: GenerateResult | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class FillResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,6 +153,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     recomputed when next used). kv_blocks_used / kv_blocks_total: blocks of the KV pool
     (block_size tokens each). running / waiting: requests in the batch / queued. contexts:
     live contexts. mean_batch_size / max_batch_size: sequences per step over all steps so far.
+    max_model_len: the longest context the model holds (tokens).
     healthy: False while the engine's loop is down (between a failure and its rebuild).
     restarts: rebuilds after a failure of the loop. last_error: the latest such failure
     ("" if none).
@@ -157,6 +176,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     contexts: int = 0
     mean_batch_size: float = 0.0
     max_batch_size: int = 0
+    max_model_len: int = 0
     healthy: bool = True
     restarts: int = 0
     last_error: str = ""

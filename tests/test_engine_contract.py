@@ -160,6 +160,40 @@ async def test_closing_a_stream_early_then_freeing(engine: EngineClient):
     assert engine.stats().kv_blocks_used == before
 
 
+async def test_a_fork_of_the_first_tokens(engine: EngineClient):
+    ids = engine.tokenize(PROMPT, first=True)
+    await engine.fill("p", token_ids=ids)
+    await engine.generate("p", SAMPLING)  # the parent grows past the prompt
+    fork = await engine.fill("k", token_ids=[], parent_context_id="p", parent_tokens=len(ids) - 1)
+    assert (fork.reused_tokens, fork.context_len) == (len(ids) - 1, len(ids) - 1)
+    await engine.fill("k", token_ids=ids[-1:])
+    await engine.fill("fresh", token_ids=ids)
+    forked, fresh = await engine.generate("k", SAMPLING), await engine.generate("fresh", SAMPLING)
+    assert forked.token_ids == fresh.token_ids
+    assert forked.context_len == len(ids) + len(forked.token_ids)
+    with pytest.raises(InvalidRequestError, match="parent_tokens=999"):
+        await engine.fill("bad", token_ids=ids, parent_context_id="p", parent_tokens=999)
+    for cid in ("p", "k", "fresh"):
+        await engine.free_context(cid)
+
+
+async def test_logprobs_whole_and_streamed(engine: EngineClient):
+    await engine.fill("l1", text=PROMPT)
+    await engine.fill("l2", text=PROMPT)
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=2)
+    whole = await engine.generate("l1", sampling)
+    assert whole.logprobs is not None and whole.top_logprobs is not None
+    assert len(whole.logprobs) == len(whole.top_logprobs) == len(whole.token_ids)
+    for lp, top, tok in zip(whole.logprobs, whole.top_logprobs, whole.token_ids):
+        assert lp <= 0.0 and len(top) <= 2 and top[0][1] >= lp  # greedy picks the likeliest
+        assert top[0][0] == tok
+    deltas = [d async for d in engine.generate_stream("l2", sampling)]
+    assert [d.logprob for d in deltas] == whole.logprobs
+    assert (await engine.generate("l1", SAMPLING)).logprobs is None  # off unless asked
+    for cid in ("l1", "l2"):
+        await engine.free_context(cid)
+
+
 async def test_typed_errors(engine: EngineClient):
     with pytest.raises(ContextNotFoundError):
         await engine.generate("nope", SAMPLING)

@@ -143,7 +143,7 @@ def test_stop_and_seed(client):
     "kwargs,error,words",
     [
         ({"model": "gpt-5"}, openai.NotFoundError, "model 'gpt-5' is not served"),
-        ({"n": 2}, openai.BadRequestError, "only n=1"),
+        ({"n": 17}, openai.BadRequestError, "$.n"),
         ({"temperature": 3}, openai.BadRequestError, "$.temperature"),
         ({"extra_body": {"tools_x": 1}}, openai.BadRequestError, "`tools_x`"),
         ({"presence_penalty": 0.5}, openai.BadRequestError, "presence_penalty"),

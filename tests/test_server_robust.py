@@ -135,7 +135,8 @@ async def test_api_and_metrics_keys():
             assert await status("GET", "/health", **{"X-Api-Key": mkey}) == 200
             async with http.get(url + "/v1/models") as r:
                 body = await r.json()
-            assert body["error"]["type"] == "ApiKeyError" and key not in str(body)
+            assert body["error"]["type"] == "authentication_error"  # OpenAI's shape there
+            assert body["error"]["code"] == "ApiKeyError" and key not in str(body)
             async with http.post(url + "/v1/sessions", headers={"X-Api-Key": key}) as r:
                 token = (await r.json())["token"]
             # A session route: the session token in Authorization, the key in X-Api-Key.

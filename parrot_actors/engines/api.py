@@ -86,9 +86,11 @@ class EngineClient(Protocol):
         text: str | None = None,
         parent_context_id: str | None = None,
         priority: int = LATENCY_PRIORITY,
+        parent_tokens: int | None = None,
     ) -> FillResult:
         """Append tokens (or the tokens of `text`) to a context, forking `parent_context_id`
-        first for a new context, and compute their KV."""
+        first for a new context (its first `parent_tokens` tokens; None: all), and compute
+        their KV."""
         ...
 
     async def generate(

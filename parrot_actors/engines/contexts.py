@@ -110,19 +110,31 @@ class ContextTable:
         self._contexts[context_id] = ctx
         return ctx
 
-    def fork(self, context_id: str, parent_id: str) -> tuple[Context, BlockCopy | None, int]:
-        """A child holding the parent's tokens without recomputing them.
+    def fork(
+        self, context_id: str, parent_id: str, num_tokens: int | None = None
+    ) -> tuple[Context, BlockCopy | None, int]:
+        """A child holding the parent's first `num_tokens` tokens (None: all of them) without
+        recomputing them.
 
-        The parent's full computed blocks are shared (refcount + 1); its partial last computed
-        block is copied into a fresh block (returned as a `BlockCopy`, None if there is none).
-        Pending parent tokens stay pending in the child. Returns (child, copy, reused tokens).
-        Raises `OutOfBlocksError` if the copy needs a block and none is free (nothing changes).
+        The parent's full computed blocks among those are shared (refcount + 1); a partial
+        computed block at the end is copied into a fresh block (returned as a `BlockCopy`, None
+        if there is none). Tokens the parent has not computed stay pending in the child.
+        Returns (child, copy, reused tokens). Raises `InvalidRequestError` for a `num_tokens`
+        outside [0, the parent's length] and `OutOfBlocksError` if the copy needs a block and
+        none is free (nothing changes then).
         """
         parent = self.get(parent_id)
         if context_id in self._contexts:
             raise InvalidRequestError(f"context {context_id!r} already exists")
+        n = len(parent.tokens) if num_tokens is None else num_tokens
+        if not 0 <= n <= len(parent.tokens):
+            raise InvalidRequestError(
+                f"parent_tokens={num_tokens!r}: context {parent_id!r} holds "
+                f"{len(parent.tokens)} tokens"
+            )
+        computed = min(n, parent.num_computed)
         bs = self.pool.block_size
-        full, partial = divmod(parent.num_computed, bs)
+        full, partial = divmod(computed, bs)
         copy = None
         blocks = parent.blocks[:full]
         if partial:
@@ -130,18 +142,19 @@ class ContextTable:
             copy = BlockCopy(parent.blocks[full], dst, partial)
             blocks = blocks + [dst]
         self.pool.incref(parent.blocks[:full])
+        whole = n == len(parent.tokens) and parent.num_pending == 0
         child = Context(
             context_id,
-            tokens=list(parent.tokens),
-            num_computed=parent.num_computed,
+            tokens=parent.tokens[:n],
+            num_computed=computed,
             blocks=blocks,
-            last_logits=parent.last_logits if parent.num_pending == 0 else None,
+            last_logits=parent.last_logits if whole else None,
             parent_id=parent_id,
             block_keys=parent.block_keys[:full],
             last_used=parent.last_used,
         )
         self._contexts[context_id] = child
-        return child, copy, parent.num_computed
+        return child, copy, computed
 
     def drop_kv(self, ctx: Context) -> None:
         """Release the context's blocks and mark every token pending (preemption or eviction:

@@ -30,7 +30,7 @@ from parrot_actors.engines.block_pool import BlockPool
 from parrot_actors.engines.contexts import Context, ContextTable
 from parrot_actors.engines.detokenizer import Detokenizer
 from parrot_actors.engines.llama import LlamaRunner
-from parrot_actors.engines.sampler import make_generator, sample
+from parrot_actors.engines.sampler import make_generator, sample, token_logprobs
 from parrot_actors.errors import CapacityError, EngineError, InvalidRequestError, SamplingError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -71,6 +71,8 @@ class Request:
     computed: int = 0
     reused: int = 0
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     first_token_at: float | None = None
     running: bool = False
     done: bool = False
@@ -131,7 +133,11 @@ class EngineCore:
         self.running: list[Request] = []
         self.waiting: list[Request] = []
         self.stats = EngineStats(
-            name=name, model=model_name, kv_blocks_total=num_blocks, block_size=block_size
+            name=name,
+            model=model_name,
+            kv_blocks_total=num_blocks,
+            block_size=block_size,
+            max_model_len=runner.max_len,
         )
         self._seq = itertools.count()
         self.batch_sizes: Counter[int] = Counter()
@@ -153,10 +159,15 @@ class EngineCore:
                 f"{self.runner.max_len}"
             )
 
-    def open_context(self, context_id: str, parent_context_id: str | None) -> tuple[Context, int]:
-        """The context a fill appends to: existing, new, or forked from a parent (returns the
-        context and the tokens reused from the parent)."""
+    def open_context(
+        self, context_id: str, parent_context_id: str | None, parent_tokens: int | None = None
+    ) -> tuple[Context, int]:
+        """The context a fill appends to: existing, new, or forked from a parent (its first
+        `parent_tokens` tokens; None: all). Returns the context and the tokens reused from the
+        parent. Raises `InvalidRequestError` for `parent_tokens` without a parent."""
         if parent_context_id is None:
+            if parent_tokens is not None:
+                raise InvalidRequestError("parent_tokens needs a parent_context_id")
             if context_id in self.contexts:
                 return self.contexts.get(context_id), 0
             return self.contexts.create(context_id), 0
@@ -164,7 +175,7 @@ class EngineCore:
             raise InvalidRequestError(
                 f"context {context_id!r} already exists; parent_context_id only creates new ones"
             )
-        child, copy, reused = self.contexts.fork(context_id, parent_context_id)
+        child, copy, reused = self.contexts.fork(context_id, parent_context_id, parent_tokens)
         if copy is not None:
             for cache in self.kv_caches:
                 cache[copy.dst, :, : copy.num_tokens] = cache[copy.src, :, : copy.num_tokens]
@@ -541,6 +552,12 @@ class EngineCore:
         sp, detok = req.sampling, req.detok
         assert sp is not None and detok is not None, "a generate request has both"
         token = sample(logits, sp, req.generator)
+        logprob: float | None = None
+        top: list[tuple[int, float]] | None = None
+        if sp.logprobs is not None:
+            logprob, top = token_logprobs(logits, sp, token, sp.logprobs)
+            req.logprobs.append(logprob)
+            req.top_logprobs.append(top)
         now = time.perf_counter()
         req.first_token_at = req.first_token_at or now
         req.output_ids.append(token)
@@ -565,6 +582,8 @@ class EngineCore:
                     token_id=token,
                     text=delta_text if reason is None else delta_text + detok.flush(),
                     finish_reason=reason,
+                    logprob=logprob,
+                    top_logprobs=top,
                 )
             )
         if reason is not None:
@@ -577,8 +596,11 @@ class EngineCore:
                     finish_reason=reason,
                     prompt_tokens=req.prompt_tokens,
                     completion_tokens=len(req.output_ids),
+                    context_len=len(req.ctx.tokens),
                     ttft_s=req.first_token_at - req.arrival,
                     decode_s=now - req.first_token_at,
+                    logprobs=list(req.logprobs) if sp.logprobs is not None else None,
+                    top_logprobs=list(req.top_logprobs) if sp.logprobs is not None else None,
                 ),
                 None,
             )

@@ -47,7 +47,9 @@ class EchoEngine:
         self.healthy = True
         self.contexts: dict[str, str] = {}
         self.log: list[tuple[str, str, str]] = []
-        self._stats = EngineStats(name=name, model=model_name, kv_blocks_total=1 << 20)
+        self._stats = EngineStats(
+            name=name, model=model_name, kv_blocks_total=1 << 20, max_model_len=max_len
+        )
 
     def tokenize(self, text: str, first: bool = False) -> list[int]:
         """Characters are tokens."""
@@ -75,8 +77,10 @@ class EchoEngine:
         text: str | None = None,
         parent_context_id: str | None = None,
         priority: int = LATENCY_PRIORITY,
+        parent_tokens: int | None = None,
     ) -> FillResult:
-        """Append `text` (characters are tokens) to a context, forking the parent if given.
+        """Append `text` (characters are tokens) to a context, forking the parent (its first
+        `parent_tokens` characters; None: all) if given.
         Raises `InvalidRequestError` for both token ids and text, ids that are no character, an
         empty new context or one beyond `max_len`; `ContextNotFoundError` for a missing
         parent."""
@@ -86,8 +90,15 @@ class EchoEngine:
         if parent_context_id is not None:
             if parent_context_id not in self.contexts:
                 raise ContextNotFoundError(f"context {parent_context_id!r} does not exist")
-            self.contexts[context_id] = self.contexts[parent_context_id]
-            reused = len(self.contexts[context_id])
+            parent = self.contexts[parent_context_id]
+            n = len(parent) if parent_tokens is None else parent_tokens
+            if not 0 <= n <= len(parent):
+                raise InvalidRequestError(
+                    f"parent_tokens={parent_tokens!r}: context {parent_context_id!r} holds "
+                    f"{len(parent)} tokens"
+                )
+            self.contexts[context_id] = parent[:n]
+            reused = n
             self._stats.reused_tokens += reused
         if token_ids is not None:
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < 0x110000]
@@ -149,6 +160,8 @@ class EchoEngine:
                 text=ch,
                 finish_reason=result.finish_reason if last else None,
                 result=result if last else None,
+                logprob=None if result.logprobs is None else result.logprobs[i],
+                top_logprobs=None if result.top_logprobs is None else result.top_logprobs[i],
             )
 
     def _answer(
@@ -164,12 +177,19 @@ class EchoEngine:
         self.log.append(("generate", context_id, ""))
         ctx = self.contexts[context_id]
         out = f"echo({ctx[-12:]})"[: sampling.max_tokens]
+        ids = [ord(c) for c in out]
+        # The fake "model" is certain of every character: log-probability 0, and no other
+        # token is any likelier.
+        k = sampling.logprobs
         return GenerateResult(
-            token_ids=[ord(c) for c in out],
+            token_ids=ids,
             text=out,
             finish_reason="length",
             prompt_tokens=len(ctx),
             completion_tokens=len(out),
+            context_len=len(ctx) + len(out),
+            logprobs=None if k is None else [0.0] * len(ids),
+            top_logprobs=None if k is None else [[(i, 0.0)][:k] for i in ids],
         )
 
     def _commit(self, context_id: str, result: GenerateResult) -> None:

@@ -414,12 +414,14 @@ class Engine(TokenizerMethods):
         text: str | None = None,
         parent_context_id: str | None = None,
         priority: int = LATENCY_PRIORITY,
+        parent_tokens: int | None = None,
     ) -> FillResult:
         """Append tokens (or the tokens of `text`) to a context and compute their KV.
 
-        A new `context_id` with `parent_context_id` forks the parent first: its full blocks are
-        shared, its partial last block copied, none of its tokens recomputed. With neither
-        tokens nor text, a fill only creates (or forks) the context. Returns a `FillResult`.
+        A new `context_id` with `parent_context_id` forks the parent first (its first
+        `parent_tokens` tokens; None: all): full blocks are shared, a partial last block
+        copied, none of those tokens recomputed. With neither tokens nor text, a fill only
+        creates (or forks) the context. Returns a `FillResult`.
         """
         self._check_open()
         if token_ids is not None and text is not None:
@@ -432,7 +434,7 @@ class Engine(TokenizerMethods):
                 ids = self.tokenize(text, first=self._starts_empty(context_id, parent_context_id))
             result = await self._request(
                 lambda core, cb: self._admit_fill(
-                    core, context_id, ids, parent_context_id, priority, cb
+                    core, context_id, ids, parent_context_id, parent_tokens, priority, cb
                 )
             )
             assert isinstance(result, FillResult)
@@ -446,12 +448,13 @@ class Engine(TokenizerMethods):
         context_id: str,
         ids: list[int] | None,
         parent_context_id: str | None,
+        parent_tokens: int | None,
         priority: int,
         on_finish: FinishCallback,
     ) -> Request | None:
         self._check_alive(context_id, parent_context_id)
         exists = context_id in core.contexts
-        ctx, reused = core.open_context(context_id, parent_context_id)
+        ctx, reused = core.open_context(context_id, parent_context_id, parent_tokens)
         if not ids:
             if exists or parent_context_id:
                 result = FillResult(

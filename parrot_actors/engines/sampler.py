@@ -26,6 +26,23 @@ def make_generator(sampling: SamplingParams) -> torch.Generator | None:
     return gen
 
 
+def token_logprobs(
+    logits: torch.Tensor, sampling: SamplingParams, token: int, top: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` and the `top` most likely (token id, log-probability)
+    pairs: log-softmax in float64 of `logits` `[vocab_size]` divided by the temperature (the raw
+    logits when greedy), before top-k and top-p, as OpenAI's `logprobs` report them."""
+    scaled = logits.detach().to("cpu", torch.float64)
+    if sampling.temperature > 0.0:
+        scaled = scaled / sampling.temperature
+    lp = torch.log_softmax(scaled, dim=-1)
+    best = torch.topk(lp, top) if top else None
+    pairs = (
+        [(int(i), float(v)) for v, i in zip(best.values, best.indices)] if best is not None else []
+    )
+    return float(lp[token]), pairs
+
+
 def sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator | None) -> int:
     """The next token id from one row of logits.
 

@@ -53,6 +53,7 @@ class _Ctx:
 
     incarnation: str
     parent: str | None
+    parent_tokens: int | None = None
     fills: list[tuple[list[int] | None, str | None]] = field(default_factory=list)
     replayable: bool = True
 
@@ -148,6 +149,7 @@ class RayEngine(TokenizerMethods):
         text: str | None = None,
         parent_context_id: str | None = None,
         priority: int = LATENCY_PRIORITY,
+        parent_tokens: int | None = None,
     ) -> FillResult:
         """`Engine.fill` on the actor (see the class docstring for errors)."""
         self._check()
@@ -160,11 +162,14 @@ class RayEngine(TokenizerMethods):
                 text,
                 self._rid(parent_context_id),
                 priority,
+                parent_tokens,
             ),
         )
         rec = self._ctx.get(context_id)
         if rec is None or rec.incarnation != out.incarnation:
-            rec = self._ctx[context_id] = _Ctx(out.incarnation, parent_context_id)
+            rec = self._ctx[context_id] = _Ctx(
+                out.incarnation, parent_context_id, parent_tokens
+            )
         rec.fills.append((token_ids, text))
         result: FillResult = out.value
         return result
@@ -369,9 +374,10 @@ class RayEngine(TokenizerMethods):
         out: OpResult | None = None
         for i, (ids, text) in enumerate(rec.fills):
             parent = self._rid(rec.parent) if i == 0 else None
+            cut = rec.parent_tokens if i == 0 else None
             with self._errors():
                 out = await self.handle.call.remote(
-                    "fill", self._rid(context_id), ids, text, parent, LATENCY_PRIORITY
+                    "fill", self._rid(context_id), ids, text, parent, LATENCY_PRIORITY, cut
                 )
             self._observe(out)
         rec.incarnation = out.incarnation if out is not None else self.incarnation

@@ -11,12 +11,14 @@ Calls for a model that no engine serves fail at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.errors import CallError, ParrotError
@@ -24,6 +26,7 @@ from parrot_actors.messages import LATENCY_PRIORITY
 from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.scheduler.executor import (
     CallStats,
+    ForkFrom,
     first_segment,
     priority_of,
     run_call,
@@ -39,6 +42,7 @@ from parrot_actors.scheduler.policy import (
     schedule_fcfs,
 )
 from parrot_actors.scheduler.prefixes import PrefixEntry, PrefixManager
+from parrot_actors.scheduler.retention import Retained, Retention, common_prefix
 from parrot_actors.scheduler.sharing import PrefixSharing
 from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective
@@ -67,6 +71,11 @@ class Scheduler:
     "failed". call_stats: the latest `config.call_stats_size` finished calls' `CallStats`.
     tap: listeners of outputs being generated (the executor streams those).
 
+    Programs (sessions): calls that name a `program` are ordered by the tokens their program
+    has been served so far (least first, `policy.admission_key`), and a finished call with a
+    `retain_s` leaves its context in `retention` for the program's next call, which is placed
+    on that engine and forks the context at the token level (`retention.py`).
+
     Engine health: an engine that is down takes no new calls, and when it is back the queue is
     dispatched again. When its loop was rebuilt (`stats().restarts` changed) its prefix contexts
     are gone, so their entries are dropped before anything is placed there. (A Ray engine
@@ -92,6 +101,12 @@ class Scheduler:
         self._ids: dict[int, list[int]] = {}
         self._retries: dict[int, int] = {}
         self._restarts_seen: dict[str, int] = {}
+        self.retention = Retention(self.config.max_retained_contexts)
+        self._forking: dict[int, Retained] = {}  # call id -> the retained context it forks
+        self._doomed: set[int] = set()  # ids of retained contexts to free once nobody forks
+        self._expiry: asyncio.TimerHandle | None = None
+        self._attained: OrderedDict[str, int] = OrderedDict()
+        self._background: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
         self._ctx_ids = itertools.count()
         self._dispatch_pending = False
@@ -169,6 +184,8 @@ class Scheduler:
         held: dict[str, list[str]] = {name: [] for name in self.engines}
         for key, name in self.prefixes.entries:
             held[name].append(key)
+        for program, name in self.retention.placements():
+            held[name].append(program_key(program))
         states = []
         for name, engine in self.engines.items():
             if not include_unhealthy and not engine.healthy:
@@ -201,6 +218,8 @@ class Scheduler:
         if restarts != seen:
             self._restarts_seen[name] = restarts
             self.sharing.forget(name)
+            for r in self.retention.drop_engine(name):
+                self._free_retained(r)
 
     # ---- placement ----------------------------------------------------------------------------
 
@@ -269,14 +288,15 @@ class Scheduler:
                 first[group] = min(first.get(group, q.seq), q.seq)
         wait = self.config.max_throughput_wait_s
 
-        def key(q: _Ready) -> tuple[int, int, int]:
-            group = q.call.task_group
+        def key(q: _Ready) -> tuple[int, int, int, int]:
+            group, program = q.call.task_group, q.call.program
             return admission_key(
                 get_perf_objective(q.call),
                 now - q.ready_at,
                 first[group] if group is not None else q.seq,
                 q.seq,
                 wait,
+                self._attained.get(program, 0) if program is not None else 0,
             )
 
         window: list[_Ready] = []
@@ -291,19 +311,27 @@ class Scheduler:
         call = queued.call
         ids = self._ids.get(call.id)
         if ids is None:
-            ids = self._ids[call.id] = engine.tokenize(first_segment(call, engine), first=True)
+            if call.prompt_ids is not None:
+                ids = list(call.prompt_ids)
+            else:
+                ids = engine.tokenize(first_segment(call, engine), first=True)
+            self._ids[call.id] = ids
         max_new = sum(sampling_of(p.sampling).max_tokens for p in call.pieces if p.kind == "output")
         fcfs = self.config.policy == "fcfs"
+        keys = self.sharing.keys_of(call, ids, engine) if self.shares_prefixes else ()
+        if self.retention.engine_of(call.program) is not None:
+            keys += (program_key(call.program),)  # go where its retained context is
         return CallInfo(
             call_id=call.id,
             objective="latency" if fcfs else get_perf_objective(call),
             seq=queued.seq,
             task_group=None if fcfs else call.task_group,
-            prefix_keys=self.sharing.keys_of(call, ids, engine) if self.shares_prefixes else (),
+            prefix_keys=keys,
             prompt_tokens=len(ids),
-            max_new_tokens=max_new,
+            max_new_tokens=max_new * call.samples,
             model=call.model,
             waited_s=now - queued.ready_at,
+            attained=0 if fcfs or call.program is None else self._attained.get(call.program, 0),
         )
 
     def _start(
@@ -323,13 +351,16 @@ class Scheduler:
             engine=engine_name,
             objective=info.objective,
         )
+        ids = self._ids[call.id]
         entry = None
+        fork = self._retained_fork(call, engine_name, ids)
         if self.shares_prefixes:
-            bs = block_size[engine_name]
-            self.sharing.make_room(
-                engine_name, -(-(info.prompt_tokens + info.max_new_tokens) // bs)
-            )
-            entry = self.sharing.choose(call, engine_name, self._ids[call.id], groups.get(call.id))
+            need = info.prompt_tokens + info.max_new_tokens
+            self.sharing.make_room(engine_name, -(-need // block_size[engine_name]))
+            if fork is None:
+                entry = self.sharing.choose(call, engine_name, ids, groups.get(call.id))
+                if entry is not None:
+                    fork = ForkFrom(entry.context_id, len(entry.tokens), entry.ready)
         self._used[call.id] = entry
         priority = LATENCY_PRIORITY if self.config.policy == "fcfs" else priority_of(call)
         task = asyncio.get_running_loop().create_task(
@@ -339,11 +370,12 @@ class Scheduler:
                 stats,
                 queued.ready_at,
                 f"call{call.id}-{next(self._ctx_ids)}",
-                prompt_ids=self._ids[call.id],
-                prefix=entry,
+                prompt_ids=ids,
+                fork=fork,
                 priority=priority,
                 can_retry=self._retries.get(call.id, 0) < self.config.max_retries,
                 tap=self.tap,
+                retain=lambda c, ctx, tokens: self._retain(engine_name, c, ctx, tokens),
             )
         )
         self.running[call.id] = (call, engine_name, task)
@@ -351,6 +383,12 @@ class Scheduler:
 
     def _finished(self, call: SemanticCall, stats: CallStats) -> None:
         self.running.pop(call.id, None)
+        self._done_forking(call)
+        if call.program is not None:
+            served = self._attained.pop(call.program, 0)
+            self._attained[call.program] = served + stats.prompt_tokens + stats.completion_tokens
+            while len(self._attained) > self.config.max_programs:
+                self._attained.popitem(last=False)
         if call.state is CallState.RETRY:
             self._retry(call, stats.engine)
             return
@@ -383,10 +421,94 @@ class Scheduler:
             out.fail(error)
         self._release(call)
 
+    # ---- retained contexts ----------------------------------------------------------------
+
+    def attained(self, program: str) -> int:
+        """Tokens (prompt and generated) the program's calls have been served so far."""
+        return self._attained.get(program, 0)
+
+    def _retained_fork(
+        self, call: SemanticCall, engine_name: str, ids: list[int]
+    ) -> ForkFrom | None:
+        """A fork of the program's retained context on `engine_name` covering the longest
+        prefix it shares with `ids` (one token at least is left to compute), or None."""
+        kept = self.retention.lookup(call.program, engine_name)
+        if kept is None or id(kept) in self._doomed:
+            return None
+        k = min(common_prefix(kept.tokens, ids), len(ids) - 1)
+        if k <= 0:
+            return None
+        kept.users += 1
+        self._forking[call.id] = kept
+        call.cached_tokens = k
+        return ForkFrom(kept.context_id, k)
+
+    def _done_forking(self, call: SemanticCall) -> None:
+        kept = self._forking.pop(call.id, None)
+        if kept is not None:
+            kept.users -= 1
+            if kept.users == 0 and id(kept) in self._doomed:
+                self._doomed.discard(id(kept))
+                self._spawn(self._free_context(kept.engine, kept.context_id))
+
+    def _retain(
+        self, engine_name: str, call: SemanticCall, context_id: str, tokens: list[int]
+    ) -> bool:
+        """Keep a finished call's context for its program (`run_call`'s `retain` hook)."""
+        if call.program is None or call.retain_s <= 0:
+            return False
+        for old in self.retention.keep(
+            call.program, engine_name, context_id, tokens, call.retain_s
+        ):
+            self._free_retained(old)
+        self._arm_expiry()
+        return True
+
+    def _free_retained(self, kept: Retained) -> None:
+        if kept.users > 0:
+            self._doomed.add(id(kept))  # freed when the last call forking it is done
+        else:
+            self._spawn(self._free_context(kept.engine, kept.context_id))
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        when = self.retention.next_expiry()
+        if when is not None:
+            delay = max(0.0, when - time.monotonic()) + 0.01
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        for kept in self.retention.expired():
+            self._free_retained(kept)
+        self._arm_expiry()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _free_context(self, engine_name: str, context_id: str) -> None:
+        with contextlib.suppress(ParrotError):
+            await self.engines[engine_name].free_context(context_id)
+
     async def close(self) -> None:
-        """Cancel running calls, free prefix contexts, and wait for all of it."""
+        """Cancel running calls, free prefix and retained contexts, and wait for all of it."""
         tasks = [t for _, _, t in self.running.values()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for kept in self.retention.drop_all():
+            self._spawn(self._free_context(kept.engine, kept.context_id))
         await self.sharing.close()
+        await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+def program_key(program: str | None) -> str:
+    """The prefix key that draws a program's calls to the engine holding its retained
+    context."""
+    return f"p:{program}"

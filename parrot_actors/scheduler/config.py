@@ -27,6 +27,9 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     (`EngineDiedError`) before any output was delivered; 0 fails it with the error instead.
     event_log_size / call_stats_size: how many of the latest scheduling events and finished
     calls' `CallStats` are kept (bounded rings, so a server that runs for weeks stays small).
+    max_retained_contexts: contexts kept between the turns of programs (sessions), in all.
+    max_programs: programs whose attained service is remembered (the least recently served
+    are forgotten: they count as fresh again).
     """
 
     policy: str = "app"
@@ -40,6 +43,8 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     max_retries: int = 1
     event_log_size: int = 10_000
     call_stats_size: int = 10_000
+    max_retained_contexts: int = 256
+    max_programs: int = 65_536
 
     def validate(self) -> SchedulerConfig:
         """Return self or raise `InvalidRequestError` naming the bad field."""
@@ -49,7 +54,13 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
             raise InvalidRequestError(
                 f"latency_cap={self.latency_cap}, throughput_cap={self.throughput_cap}: must be > 0"
             )
-        for name in ("event_log_size", "call_stats_size", "max_retries"):
+        for name in (
+            "event_log_size",
+            "call_stats_size",
+            "max_retries",
+            "max_retained_contexts",
+            "max_programs",
+        ):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name}={getattr(self, name)!r}: must be >= 0")
         return self

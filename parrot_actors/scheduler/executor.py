@@ -8,7 +8,11 @@ generation ends, so consumers of an early output start before the call finishes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 
@@ -23,10 +27,10 @@ from parrot_actors.errors import (
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
     THROUGHPUT_PRIORITY,
+    FillResult,
     GenerateResult,
     SamplingParams,
 )
-from parrot_actors.scheduler.prefixes import PrefixEntry
 from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective
 from parrot_actors.variables.lifecycle import CallState, advance
@@ -67,24 +71,75 @@ def priority_of(call: SemanticCall) -> int:
     return LATENCY_PRIORITY if get_perf_objective(call) == LATENCY else THROUGHPUT_PRIORITY
 
 
-async def _streamed(
+@dataclass(frozen=True)
+class ForkFrom:
+    """A context a call forks instead of computing its prompt's first `tokens` tokens: a
+    prefix context (filled by `ready`, awaited first) or its program's retained context."""
+
+    context_id: str
+    tokens: int
+    ready: asyncio.Future[FillResult] | None = None
+
+
+async def _generate(
     engine: EngineClient,
     context_id: str,
     sampling: SamplingParams,
     priority: int,
-    tap: TokenTap,
+    call: SemanticCall,
     var: Variable,
+    tap: TokenTap | None,
+    index: int,
 ) -> GenerateResult:
-    """`generate` through `generate_stream`, each piece of text emitted to `var`'s listeners;
-    the same `GenerateResult` (carried by the last delta)."""
+    """One generation; streamed when someone listens to `var`, each `TokenDelta` emitted with
+    the choice `index` (and the call marked as having delivered output)."""
+    if tap is None or not tap.listening(var):
+        return await engine.generate(context_id, sampling, priority=priority)
     result = None
     async for delta in engine.generate_stream(context_id, sampling, priority=priority):
-        if delta.text:
-            tap.emit(var, delta.text)
+        call.delivered = True
+        tap.emit(var, delta, index)
         result = delta.result or result
     if result is None:
         raise EngineError(f"engine {engine.name!r} ended a stream without its result")
     return result
+
+
+async def _samples(
+    engine: EngineClient,
+    context_id: str,
+    sampling: SamplingParams,
+    priority: int,
+    call: SemanticCall,
+    var: Variable,
+    tap: TokenTap | None,
+) -> list[GenerateResult]:
+    """`call.samples` generations from the one filled prompt of `context_id`: the first on it,
+    the others on forks of it (created before anything is generated, so each holds just the
+    prompt), with seeds `seed + i` when a seed is given. The forks are freed at the end."""
+    n = call.samples
+    children = [f"{context_id}/{i}" for i in range(1, n)]
+    try:
+        for child in children:
+            await engine.fill(child, parent_context_id=context_id, priority=priority)
+
+        def seeded(i: int) -> SamplingParams:
+            seed = None if sampling.seed is None else sampling.seed + i
+            return msgspec.structs.replace(sampling, seed=seed)
+
+        ctxs = [context_id, *children]
+        return list(
+            await asyncio.gather(
+                *(
+                    _generate(engine, c, seeded(i), priority, call, var, tap, i)
+                    for i, c in enumerate(ctxs)
+                )
+            )
+        )
+    finally:
+        for child in children:
+            with contextlib.suppress(ParrotError):
+                await engine.free_context(child)
 
 
 def first_segment(call: SemanticCall, engine: EngineClient) -> str:
@@ -105,24 +160,31 @@ async def run_call(
     ready_at: float,
     context_id: str,
     prompt_ids: list[int],
-    prefix: PrefixEntry | None = None,
+    fork: ForkFrom | None = None,
     priority: int = LATENCY_PRIORITY,
     can_retry: bool = False,
     tap: TokenTap | None = None,
+    retain: Callable[[SemanticCall, str, list[int]], bool] | None = None,
 ) -> None:
     """Run `call` on `engine` in context `context_id`, resolving its outputs in order.
 
-    prompt_ids: the tokens of `first_segment(call)`. prefix: a prefix context whose tokens
-    start `prompt_ids`; the call forks it and fills only the rest. tap: an output someone
-    listens to is streamed, its text emitted piece by piece. On failure every unresolved
-    output fails with `CallError` chained to the cause; the context is always freed. If the
-    engine died (`EngineDiedError`) before any output resolved and `can_retry`, the call is
+    prompt_ids: the tokens of `first_segment(call)` (or `call.prompt_ids`). fork: a context
+    whose first `fork.tokens` tokens start `prompt_ids`; the call forks it and fills only the
+    rest. tap: an output someone listens to is streamed, its deltas emitted. `call.samples`
+    > 1 samples that many generations of the one output from one prompt fill (`_samples`).
+    Each output's (or sample's) `GenerateResult` lands in `call.results`. retain: offered the
+    finished context of a single-output call of a program with `retain_s` (with its token
+    ids); if it takes it, the context is not freed. On failure every unresolved output fails
+    with `CallError` chained to the cause and the context is freed. If the engine died
+    (`EngineDiedError`) before any output resolved or streamed and `can_retry`, the call is
     left in state RETRY with its outputs untouched, for the scheduler to run elsewhere.
     """
     start = time.perf_counter()
     stats.queue_s = start - ready_at
     created = False
+    retained = False
     buf = None
+    call.results = []
     try:
         for piece in call.pieces:
             if piece.kind != "output":
@@ -130,15 +192,16 @@ async def run_call(
                     buf += piece.text if piece.kind == "text" else piece.variable.value()
                 continue
             if not created:
-                if prefix is not None:
-                    if prefix.ready is not None:
-                        await prefix.ready
-                    rest = prompt_ids[len(prefix.tokens) :]
+                if fork is not None:
+                    if fork.ready is not None:
+                        await fork.ready
+                    rest = prompt_ids[fork.tokens :]
                     await engine.fill(
                         context_id,
                         token_ids=rest or None,
-                        parent_context_id=prefix.context_id,
+                        parent_context_id=fork.context_id,
                         priority=priority,
+                        parent_tokens=fork.tokens,
                     )
                 else:
                     await engine.fill(context_id, token_ids=prompt_ids, priority=priority)
@@ -147,28 +210,36 @@ async def run_call(
                 await engine.fill(context_id, text=buf, priority=priority)
             buf = ""
             sampling = sampling_of(piece.sampling)
-            if tap is not None and tap.listening(piece.variable):
-                result = await _streamed(
-                    engine, context_id, sampling, priority, tap, piece.variable
-                )
+            var = piece.variable
+            if call.samples > 1:
+                results = await _samples(engine, context_id, sampling, priority, call, var, tap)
             else:
-                result = await engine.generate(context_id, sampling, priority=priority)
+                results = [
+                    await _generate(engine, context_id, sampling, priority, call, var, tap, 0)
+                ]
+            result = results[0]
+            call.results += results
             if not stats.ttft_s:
                 stats.ttft_s = time.perf_counter() - start
             stats.prompt_tokens = stats.prompt_tokens or result.prompt_tokens
-            stats.completion_tokens += result.completion_tokens
+            stats.completion_tokens += sum(r.completion_tokens for r in results)
             stats.decode_s += result.decode_s
             # Counted before the output resolves, so whoever it wakes sees the tokens.
             call.prompt_tokens, call.completion_tokens = (
                 stats.prompt_tokens,
                 stats.completion_tokens,
             )
-            piece.variable.resolve(result.text)
+            var.resolve(result.text)
         advance(call, CallState.DONE)
+        if retain is not None and call.retain_s > 0 and len(call.results) == call.samples:
+            last = call.results[0]
+            tokens = (list(prompt_ids) + last.token_ids)[: last.context_len]
+            retained = retain(call, context_id, tokens)
     except BaseException as exc:
         if (
             isinstance(exc, EngineDiedError)
             and can_retry
+            and not call.delivered
             and not any(o.done() for o in call.outputs)
         ):
             advance(call, CallState.RETRY)
@@ -184,8 +255,7 @@ async def run_call(
             raise
     finally:
         stats.e2e_s = time.perf_counter() - ready_at
-        # Also when cancelled inside the first fill: the context may exist by now.
-        try:
-            await engine.free_context(context_id)
-        except ParrotError:
-            pass
+        if not retained:
+            # Also when cancelled inside the first fill: the context may exist by now.
+            with contextlib.suppress(ParrotError):
+                await engine.free_context(context_id)

@@ -15,7 +15,8 @@ class CallInfo(msgspec.Struct, frozen=True, kw_only=True):
     objective: "latency" or "throughput". task_group: id shared by a map stage, or None.
     prefix_keys: static/dynamic prefix keys (may be empty). prompt_tokens / max_new_tokens:
     sizes in tokens (estimates). model: required model name or None. seq: arrival order.
-    waited_s: seconds since the call became ready.
+    waited_s: seconds since the call became ready. attained: tokens its program (session) was
+    served so far (0 for a call of no program).
     """
 
     call_id: int
@@ -27,6 +28,7 @@ class CallInfo(msgspec.Struct, frozen=True, kw_only=True):
     max_new_tokens: int = 0
     model: str | None = None
     waited_s: float = 0.0
+    attained: int = 0
 
 
 class EngineState(msgspec.Struct, kw_only=True):
@@ -84,17 +86,24 @@ def _holds_prefix(call: CallInfo, engine: EngineState, placed: dict[str, str]) -
 
 
 def admission_key(
-    objective: str, waited_s: float, group_first: int, seq: int, max_wait_s: float
-) -> tuple[int, int, int]:
-    """Where a ready call stands in line (smaller first): throughput work that waited
-    `max_wait_s` seconds or more, then latency work, then throughput work; within each, the
-    members of a task group together, at the arrival of the group's first member
-    (`group_first`; a call's own `seq` when it has no group), then by arrival."""
-    if objective == "latency":
-        klass = 1
+    objective: str,
+    waited_s: float,
+    group_first: int,
+    seq: int,
+    max_wait_s: float,
+    attained: int = 0,
+) -> tuple[int, int, int, int]:
+    """Where a ready call stands in line (smaller first): any call that waited `max_wait_s`
+    seconds or more (the starvation bound), then latency work, then throughput work; within
+    each, the least attained service of the call's program first (Autellix, arXiv 2502.13965:
+    program-level least attained service, so a long agent neither starves short ones nor
+    blocks them), then the members of a task group together, at the arrival of the group's
+    first member (`group_first`; a call's own `seq` when it has no group), then by arrival."""
+    if waited_s >= max_wait_s:
+        klass = 0
     else:
-        klass = 0 if waited_s >= max_wait_s else 2
-    return (klass, group_first, seq)
+        klass = 1 if objective == "latency" else 2
+    return (klass, attained, group_first, seq)
 
 
 def group_firsts(ready: list[CallInfo]) -> dict[int, int]:
@@ -109,9 +118,9 @@ def group_firsts(ready: list[CallInfo]) -> dict[int, int]:
 def _admission_order(ready: list[CallInfo], max_wait_s: float) -> list[CallInfo]:
     first = group_firsts(ready)
 
-    def key(c: CallInfo) -> tuple[int, int, int]:
+    def key(c: CallInfo) -> tuple[int, int, int, int]:
         group = first[c.task_group] if c.task_group is not None else c.seq
-        return admission_key(c.objective, c.waited_s, group, c.seq, max_wait_s)
+        return admission_key(c.objective, c.waited_s, group, c.seq, max_wait_s, c.attained)
 
     return sorted(ready, key=key)
 
@@ -132,8 +141,10 @@ def schedule_app(
     - Throughput calls fill engines up to `throughput_cap` running calls each, so batches are
       large. Members of a task group (a map stage) are dispatched together, onto the engine of
       the group's first member while it has room. Other calls balance load.
-    - A throughput call that waited `max_throughput_wait_s` goes before latency work (no
-      starvation under a steady stream of latency calls).
+    - Any call that waited `max_throughput_wait_s` goes first (no starvation: a throughput
+      call under a steady stream of latency calls, or a call of a program that has been served
+      much, among fresher programs).
+    - Within a class, calls of programs with less attained service go first (`admission_key`).
     - An engine holding one of the call's prefixes (or given a call with that prefix earlier in
       the same round) is preferred unless it runs more than `affinity_load_bound` calls beyond
       the least loaded eligible engine.

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
+import uuid
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -57,7 +59,7 @@ def create_app(runtime: Runtime, config: ServerConfig | None = None) -> web.Appl
     app[RUNTIME] = runtime
     router = EngineRouter(runtime)
     parrot = ParrotAPI(runtime, sessions, config, metrics)
-    openai = OpenAIAPI(router, config, metrics)
+    openai = OpenAIAPI(runtime, router, config, metrics)
 
     async def health(request: web.Request) -> web.Response:
         stats = [e.stats() for e in router.engines]
@@ -86,9 +88,21 @@ def create_app(runtime: Runtime, config: ServerConfig | None = None) -> web.Appl
     async def on_cleanup(_: web.Application) -> None:
         await sessions.close_all()
 
+    app.on_response_prepare.append(_request_id)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+REQUEST_ID = "X-Request-Id"
+"""The header every answer carries: the client's own (when it is 1-128 characters of letters,
+digits and `._:-`), else a new random id, so a request can be found in logs."""
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+async def _request_id(request: web.Request, response: web.StreamResponse) -> None:
+    given = request.headers.get(REQUEST_ID, "")
+    response.headers[REQUEST_ID] = given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
 
 
 class Server:

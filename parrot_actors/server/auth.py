@@ -39,7 +39,7 @@ def auth_middleware(api_key: str | None, metrics_key: str | None) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
             key, what = api_key, "API key"
         elif path in ("/health", "/metrics"):
             key, what = metrics_key, "metrics key"

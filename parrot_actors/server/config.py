@@ -19,6 +19,8 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     reap_interval_s: how often idle sessions are looked for (seconds). teardown_s: how long a
     session's end waits for its cancelled calls to free their contexts (seconds).
     default_max_tokens: `max_tokens` of a chat completion that sets none (tokens).
+    default_retain_s: how long an OpenAI request's context is kept for its session's next
+    request when it names a session but no `retain_s` (seconds).
     api_key: when set, every /v1/* route needs it, as `Authorization: Bearer <key>` or
     `X-Api-Key: <key>` (session routes carry the session token in `Authorization`, so the key
     goes in `X-Api-Key` there); 401 otherwise. metrics_key: when set, /health and /metrics need
@@ -39,6 +41,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     reap_interval_s: float = 1.0
     teardown_s: float = 10.0
     default_max_tokens: int = 256
+    default_retain_s: float = 30.0
     api_key: str | None = None
     metrics_key: str | None = None
 

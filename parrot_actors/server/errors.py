@@ -8,6 +8,8 @@ sends may produce a 5xx: only engine failures (503) and bugs (500) do.
 
 from __future__ import annotations
 
+import re
+
 from parrot_actors import errors as core_errors
 from parrot_actors.errors import (
     CallError,
@@ -19,7 +21,7 @@ from parrot_actors.errors import (
     SessionError,
     TemplateError,
 )
-from parrot_actors.server.protocol import ErrorBody
+from parrot_actors.server.protocol import ErrorBody, OpenAIErrorBody, OpenAIErrorResponse
 from parrot_actors.variables.variable import VariableError
 
 
@@ -131,3 +133,26 @@ def exception_from(body: ErrorBody) -> ParrotError:
     if body.cause is not None:
         exc.__cause__ = exception_from(body.cause)
     return exc
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
+_OPENAI_TYPES |= {404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error"}
+_OPENAI_TYPES |= {422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error"}
+_PARAM = re.compile(r"at `\$\.([^`]+)`")
+
+
+def openai_error(exc: BaseException) -> OpenAIErrorResponse:
+    """`exc` in OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`): the
+    type follows the HTTP status (`status_of`), the code is this service's error class, and
+    the param is the request field a validation message names, if any."""
+    status = status_of(exc)
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    found = _PARAM.search(str(exc))
+    return OpenAIErrorResponse(
+        error=OpenAIErrorBody(
+            message=str(exc),
+            type=kind,
+            param=found.group(1) if found else None,
+            code=type(exc).__name__,
+        )
+    )

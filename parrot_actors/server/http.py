@@ -21,6 +21,7 @@ from parrot_actors.server.errors import (
     NotFoundError,
     PayloadTooLargeError,
     error_body,
+    openai_error,
     status_of,
 )
 from parrot_actors.server.protocol import ErrorBody, ErrorResponse
@@ -105,25 +106,56 @@ def sse_event(data: bytes, event: str | None = None) -> bytes:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into a JSON answer: `ParrotError`s by `status_of`, aiohttp's own HTTP
     errors (unknown route 404, wrong method 405, body too large 413) with their status, and
-    anything else into a logged 500 (a bug, never the client's input)."""
+    anything else into a logged 500 (a bug, never the client's input). The OpenAI routes
+    answer in OpenAI's error shape (`openai_error`), the others `{"error": ErrorBody}`."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         if exc.status == 404:
-            body = error_body(NotFoundError(f"no route {request.method} {request.path}"))
-        elif exc.status == 413:
-            body = error_body(PayloadTooLargeError(exc.text or "request body too large"))
-        else:
-            body = ErrorBody(type=type(exc).__name__, message=exc.text or exc.reason)
-        return error_response(exc.status, body)
+            return _answer(
+                request, 404, NotFoundError(f"no route {request.method} {request.path}")
+            )
+        if exc.status == 413:
+            error = PayloadTooLargeError(exc.text or "request body too large")
+            return _answer(request, 413, error)
+        return _answer(
+            request, exc.status, ParrotError(exc.text or exc.reason), type(exc).__name__
+        )
     except ParrotError as exc:
-        return error_response(status_of(exc), error_body(exc))
+        return _answer(request, status_of(exc), exc)
     except asyncio.CancelledError:
         raise
     except (ConnectionResetError, ConnectionError):
         raise
     except Exception as exc:
         log.exception("internal error serving %s %s", request.method, request.path)
-        return error_response(500, ErrorBody(type="InternalError", message=repr(exc)))
+        return _answer(request, 500, ParrotError(repr(exc)), "InternalError")
+
+
+def is_openai_route(path: str) -> bool:
+    """True for the routes that answer errors in OpenAI's shape."""
+    return path in OPENAI_ROUTES
+
+
+OPENAI_ROUTES = frozenset(
+    {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+)
+"""The OpenAI-compatible routes."""
+
+
+def _answer(
+    request: web.Request, status: int, exc: ParrotError, kind: str | None = None
+) -> web.Response:
+    if is_openai_route(request.path):
+        body = openai_error(exc)
+        if kind is not None:
+            body = msgspec.structs.replace(
+                body, error=msgspec.structs.replace(body.error, code=kind)
+            )
+        return json_response(body, status=status)
+    wire = error_body(exc)
+    if kind is not None:
+        wire = msgspec.structs.replace(wire, type=kind)
+    return error_response(status, wire)

@@ -1,51 +1,79 @@
 """OpenAI-compatible endpoints, so agent frameworks and the request-level baseline use the
 service unchanged: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or
-not, usage counts, stop, temperature, top_p, max_tokens, n=1, seed).
+not, `n`, `logprobs`, usage counts, stop, temperature, top_p, max_tokens, seed), and POST
+/tokenize and /detokenize.
 
-Without `serve --api-key` no key is needed; with it, `Authorization: Bearer <key>` (what the
-openai client sends). Usage counts are exact: prompt tokens are the tokenizer's length of the
-prompt as the engine holds it, completion tokens the tokens generated. A request whose engine
-died under it (`EngineDiedError`) before anything was sent is run again once, on a healthy
-engine (or on the same one once it is rebuilt).
+Every request is a call in the scheduler, like a Parrot API call: the same placement policy,
+prefix sharing at the token level (so outputs never change), the engines' prefix caching,
+per-call stats, and a re-run when its engine dies before anything was sent. App hints
+(`ParrotHints`, in the body as `"parrot": {...}` or as the header `X-Parrot-Session`) give the
+request an objective and a session: the session's requests are one program, scheduled by its
+attained service, and each turn's context is kept for `retain_s` seconds so the next turn
+forks it and computes only its new tokens. Without hints a request is a one-call latency app.
+
+`n` samples the choices from one fill of the prompt (seeds `seed + i`). `logprobs` are the
+log-softmax of the model's logits divided by the temperature (of the raw logits when greedy),
+before top-k and top-p. Usage counts are exact: prompt tokens are the tokenizer's length of the
+prompt as the engine holds it, completion tokens those of every choice, and
+`prompt_tokens_details.cached_tokens` the prompt tokens taken from the session's previous turn.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import time
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from parrot_actors.errors import EngineDiedError, ParrotError
-from parrot_actors.messages import LATENCY_PRIORITY, SamplingParams
+from parrot_actors.engines.api import EngineClient
+from parrot_actors.errors import CallError, ParrotError
+from parrot_actors.messages import SamplingParams, TokenDelta
+from parrot_actors.runtime import Runtime
 from parrot_actors.server.calls import check_sampling
 from parrot_actors.server.config import ServerConfig
-from parrot_actors.server.errors import BadRequestError, error_body
+from parrot_actors.server.errors import BadRequestError, openai_error
 from parrot_actors.server.http import SSE_HEADERS, json_response, read_body, sse_event
 from parrot_actors.server.metrics import Metrics
 from parrot_actors.server.openai_format import ChatFormat, TextFormat, chat_messages
 from parrot_actors.server.protocol import (
     ChatRequest,
     CompletionRequest,
-    ErrorResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    ParrotHints,
+    PromptTokensDetails,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
 )
 from parrot_actors.server.router import EngineRouter, completion_prompt
+from parrot_actors.variables.graph import Piece, SemanticCall
+from parrot_actors.variables.perf import LATENCY
+from parrot_actors.variables.variable import Variable
 
 DEFAULT_COMPLETION_TOKENS = 16
 """`max_tokens` of a completion that sets none (OpenAI's default)."""
+SESSION_HEADER = "X-Parrot-Session"
+"""The header naming a request's session, for clients that cannot add body fields."""
+
+Format = TextFormat | ChatFormat
 
 
 class OpenAIAPI:
-    """Handlers of the OpenAI-compatible API."""
+    """Handlers of the OpenAI-compatible API over the shared runtime."""
 
-    def __init__(self, router: EngineRouter, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, runtime: Runtime, router: EngineRouter, config: ServerConfig, metrics: Metrics
+    ) -> None:
+        self.runtime = runtime
         self.router = router
         self.config = config
         self.metrics = metrics
+        self.started = int(time.time())
 
     def routes(self) -> list[web.RouteDef]:
         """The API's routes."""
@@ -53,119 +81,234 @@ class OpenAIAPI:
             web.get("/v1/models", self.models),
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
         ]
 
     async def models(self, request: web.Request) -> web.Response:
-        """GET /v1/models."""
-        return json_response(ModelList(data=[ModelCard(id=m) for m in self.router.models()]))
+        """GET /v1/models: each served model, with its longest context."""
+        cards = []
+        for model in self.router.models():
+            engines = [e for e in self.router.engines if e.model_name == model]
+            lengths = [e.stats().max_model_len for e in engines]
+            cards.append(ModelCard(id=model, created=self.started, max_model_len=max(lengths)))
+        return json_response(ModelList(data=cards))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """POST /tokenize."""
+        req = await read_body(request, TokenizeRequest, self.config.max_body_bytes)
+        engine = self.router.pick(req.model)
+        ids = engine.tokenize(req.prompt, first=req.add_special_tokens)
+        limit = engine.stats().max_model_len
+        return json_response(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=limit))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """POST /detokenize."""
+        req = await read_body(request, DetokenizeRequest, self.config.max_body_bytes)
+        engine = self.router.pick(req.model)
+        try:
+            text = engine.detokenize(req.tokens)
+        except (ValueError, OverflowError, TypeError) as exc:  # ids outside the vocabulary
+            raise BadRequestError(f"tokens: cannot be decoded: {exc}") from None
+        return json_response(DetokenizeResponse(prompt=text))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
         req = await read_body(request, CompletionRequest, self.config.max_body_bytes)
         _check_neutral(req)
-        _check_unsupported(req, logprobs=None, echo=False, best_of=1, suffix=None)
+        _check_unsupported(req, echo=False, best_of=1, suffix=None)
+        engine = self.router.pick(req.model)
         prompt = completion_prompt(req.prompt)
-        sampling = _sampling(req, req.max_tokens or DEFAULT_COMPLETION_TOKENS)
-        self.router.pick(req.model)  # 404 for an unknown model before anything else
-        fmt = TextFormat(req.model)
-        return await self._run(request, prompt, sampling, fmt, req)
+        sampling = _sampling(req, req.max_tokens or DEFAULT_COMPLETION_TOKENS, req.logprobs)
+        fmt = TextFormat(req.model, req.logprobs, _token_text(engine))
+        if isinstance(prompt, str):
+            call, var = self._call(engine, ("", prompt), None, sampling, request, req)
+        else:
+            call, var = self._call(engine, ("", ""), tuple(prompt), sampling, request, req)
+        return await self._answer(request, req, call, var, fmt)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
         req = await read_body(request, ChatRequest, self.config.max_body_bytes)
         _check_neutral(req)
-        _check_unsupported(req, logprobs=False, top_logprobs=0)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise BadRequestError("top_logprobs: needs logprobs: true")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
-        sampling = _sampling(req, max_tokens)
-        # Engines serving one model share its tokenizer and chat template.
-        prompt = self.router.pick(req.model).render_chat(chat_messages(req.messages))
-        fmt = ChatFormat(req.model)
-        return await self._run(request, prompt, sampling, fmt, req)
+        sampling = _sampling(req, max_tokens, logprobs)
+        engine = self.router.pick(req.model)
+        messages = chat_messages(req.messages)
+        prompt = engine.render_chat(messages)
+        head = _system_head(engine, messages, prompt)
+        fmt = ChatFormat(req.model, logprobs, _token_text(engine))
+        call, var = self._call(
+            engine, (head, prompt[len(head) :]), None, sampling, request, req
+        )
+        return await self._answer(request, req, call, var, fmt)
 
-    async def _run(
+    def _call(
+        self,
+        engine: EngineClient,
+        text: tuple[str, str],
+        prompt_ids: tuple[int, ...] | None,
+        sampling: SamplingParams,
+        request: web.Request,
+        req: CompletionRequest | ChatRequest,
+    ) -> tuple[SemanticCall, Variable]:
+        """The request as a call with one output: its prompt is `text[0] + text[1]` (or
+        `prompt_ids`), where `text[0]` is a shared lead (a chat's system message) that prefix
+        sharing may fork, and the rest is this request's own."""
+        hints = self._hints(request, req.parrot)
+        var = Variable(name="choice")
+        items = tuple(sorted(msgspec.structs.asdict(sampling).items()))
+        pieces = [Piece("text", text=text[0]), Piece("text", text=text[1])]
+        call = SemanticCall(
+            "openai",
+            [*pieces, Piece("output", var=var, sampling=items)],
+            model=engine.model_name,
+            prompt_ids=prompt_ids,
+            program=hints.session,
+            samples=req.n or 1,
+        )
+        if hints.session is not None:
+            call.retain_s = (
+                self.config.default_retain_s if hints.retain_s is None else hints.retain_s
+            )
+        call.objective = hints.objective or LATENCY
+        return call, var
+
+    def _hints(self, request: web.Request, hints: ParrotHints | None) -> ParrotHints:
+        hints = hints or ParrotHints()
+        header = request.headers.get(SESSION_HEADER)
+        if hints.session is None and header is not None:
+            if not 0 < len(header) <= 256 or not header.isprintable():
+                raise BadRequestError(
+                    f"{SESSION_HEADER}: must be 1 to 256 printable characters"
+                )
+            hints = msgspec.structs.replace(hints, session=header)
+        return hints
+
+    async def _answer(
         self,
         request: web.Request,
-        prompt: str | list[int],
-        sampling: SamplingParams,
-        fmt: TextFormat | ChatFormat,
         req: CompletionRequest | ChatRequest,
+        call: SemanticCall,
+        var: Variable,
+        fmt: Format,
     ) -> web.StreamResponse:
+        objective = call.objective or LATENCY
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, req.model, prompt, sampling, fmt, include_usage)
-        for attempt in range(2):
-            engine = self.router.pick(req.model)
-            try:
-                async with self.router.context(engine, prompt) as (ctx, n_prompt):
-                    result = await engine.generate(ctx, sampling, priority=LATENCY_PRIORITY)
-                break
-            except EngineDiedError:
-                if attempt:
-                    raise
-        usage = self._count(n_prompt, result.completion_tokens)
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream(request, call, var, objective, fmt, usage)
+        self.runtime.submit(call)
+        try:
+            await var.get(perf=objective)
+        except CallError as exc:
+            raise _root(exc) from None
+        finally:
+            var.cancel()  # the client went away: its call stops (a no-op once resolved)
+        result = call.results[0]
         if result.completion_tokens:
             self.metrics.ttft.observe(result.ttft_s)
-        return json_response(fmt.whole(result.text, result.finish_reason, usage))
+        return json_response(fmt.whole(call.results, self._usage(call)))
 
     async def _stream(
         self,
         request: web.Request,
-        model: str,
-        prompt: str | list[int],
-        sampling: SamplingParams,
-        fmt: TextFormat | ChatFormat,
+        call: SemanticCall,
+        var: Variable,
+        objective: str,
+        fmt: Format,
         include_usage: bool,
     ) -> web.StreamResponse:
-        # Fill before answering 200: a prompt the engine refuses is still a plain 4xx, and a
-        # fill whose engine died is run again once.
-        async with contextlib.AsyncExitStack() as stack:
-            for attempt in range(2):
-                engine = self.router.pick(model)
+        queue: asyncio.Queue[tuple[TokenDelta, int] | None] = asyncio.Queue()
+        stop = self.runtime.tap.listen(var, lambda delta, i: queue.put_nowait((delta, i)))
+        start = time.perf_counter()
+        self.runtime.submit(call)
+        getter = asyncio.ensure_future(var.get(perf=objective))
+        getter.add_done_callback(lambda _: queue.put_nowait(None))
+        getter.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            item = await queue.get()
+            if item is None:  # over before its first token: a plain error answer
                 try:
-                    ctx, n_prompt = await stack.enter_async_context(
-                        self.router.context(engine, prompt)
-                    )
-                    break
-                except EngineDiedError:
-                    if attempt:
-                        raise
+                    await getter
+                except CallError as exc:
+                    raise _root(exc) from None
+            self.metrics.ttft.observe(time.perf_counter() - start)
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
-            start = time.perf_counter()
-            count, finish = 0, None
-            try:
-                for chunk in fmt.opening():
-                    await resp.write(sse_event(msgspec.json.encode(chunk)))
-                stream = engine.generate_stream(ctx, sampling, priority=LATENCY_PRIORITY)
-                async for delta in stream:
-                    if not count:
-                        self.metrics.ttft.observe(time.perf_counter() - start)
-                    count += 1
-                    finish = delta.finish_reason or finish
-                    if delta.text:
-                        await resp.write(sse_event(msgspec.json.encode(fmt.piece(delta.text))))
-                await resp.write(sse_event(msgspec.json.encode(fmt.closing(finish or "length"))))
-                usage = self._count(n_prompt, count)
-                if include_usage:
-                    await resp.write(sse_event(msgspec.json.encode(fmt.usage(usage))))
-            except ParrotError as exc:  # after the 200: the error travels as an event
-                body = msgspec.json.encode(ErrorResponse(error=error_body(exc)))
-                await resp.write(sse_event(body))
+            for chunk in fmt.opening(call.samples):
+                await resp.write(_event(chunk))
+            while item is not None:
+                delta, index = item
+                piece = fmt.piece(delta, index)
+                if piece is not None:
+                    await resp.write(_event(piece))
+                if delta.finish_reason is not None:
+                    await resp.write(_event(fmt.closing(delta.finish_reason, index)))
+                item = await queue.get()
+            error = getter.exception()
+            if error is not None:  # after the 200: the error travels as an event
+                await resp.write(_event(openai_error(_root(error))))
+            elif include_usage:
+                await resp.write(_event(fmt.usage(self._usage(call))))
             await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+            await resp.write_eof()
+            return resp
+        finally:
+            stop()
+            var.cancel()  # the client went away: its call stops (a no-op once resolved)
 
-    def _count(self, prompt_tokens: int, completion_tokens: int) -> Usage:
-        self.metrics.tokens.labels("prompt").inc(prompt_tokens)
-        self.metrics.tokens.labels("completion").inc(completion_tokens)
+    def _usage(self, call: SemanticCall) -> Usage:
+        prompt = call.results[0].prompt_tokens if call.results else call.prompt_tokens
+        completion = sum(r.completion_tokens for r in call.results)
+        self.metrics.tokens.labels("prompt").inc(prompt)
+        self.metrics.tokens.labels("completion").inc(completion)
+        details = PromptTokensDetails(cached_tokens=call.cached_tokens)
         return Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=details,
         )
 
 
-def _sampling(req: CompletionRequest | ChatRequest, max_tokens: int) -> SamplingParams:
+def _event(obj: Any) -> bytes:
+    return sse_event(msgspec.json.encode(obj))
+
+
+def _root(exc: BaseException) -> ParrotError:
+    """The error that failed a call: the innermost `ParrotError` under its `CallError`s (so a
+    prompt too long is a 400 and a dead engine a 503, as the engine said)."""
+    found = exc if isinstance(exc, ParrotError) else CallError(repr(exc))
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, ParrotError) and not isinstance(cur, CallError):
+            return cur
+        cur = cur.__cause__
+    return found
+
+
+def _token_text(engine: EngineClient) -> Any:
+    return lambda token: engine.detokenize([token])
+
+
+def _system_head(engine: EngineClient, messages: list[dict[str, str]], prompt: str) -> str:
+    """The rendered system message that starts `prompt` (shared by every request with the same
+    system message, so prefix sharing may fork it), or "" without one."""
+    if not messages or messages[0]["role"] != "system" or len(messages) == 1:
+        return ""
+    alone = engine.render_chat(messages[:1])
+    n = 0
+    while n < min(len(alone), len(prompt)) and alone[n] == prompt[n]:
+        n += 1
+    return prompt[:n]
+
+
+def _sampling(
+    req: CompletionRequest | ChatRequest, max_tokens: int, logprobs: int | None
+) -> SamplingParams:
     """Engine sampling from an OpenAI request (OpenAI's defaults: temperature 1, top_p 1).
     Raises `InvalidRequestError` (400) for values the engines refuse."""
     stop = req.stop
@@ -175,14 +318,13 @@ def _sampling(req: CompletionRequest | ChatRequest, max_tokens: int) -> Sampling
         max_tokens=max_tokens,
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
         seed=req.seed,
+        logprobs=logprobs,
     )
     return check_sampling(params)
 
 
 def _check_neutral(req: CompletionRequest | ChatRequest) -> None:
     """Raise `BadRequestError` for accepted-but-unimplemented fields with a non-neutral value."""
-    if req.n not in (None, 1):
-        raise BadRequestError(f"n={req.n}: only n=1 is supported (send one request per choice)")
     for field in ("presence_penalty", "frequency_penalty"):
         if getattr(req, field) not in (None, 0):
             raise BadRequestError(f"{field}={getattr(req, field)}: only 0 is supported")

@@ -122,6 +122,7 @@ class ParrotAPI:
                 raise TooManyPendingError(
                     f"the call would take the session over {self.config.max_variables} variables"
                 )
+            prepared.call.program = s.id  # a session's calls are one program
             self.runtime.submit(prepared.call)
             for var_id, var in prepared.new_vars.items():
                 s.register(var_id, var, delivered=var_id in prepared.inline)
@@ -200,7 +201,9 @@ class ParrotAPI:
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
             queue: asyncio.Queue[str | None] = asyncio.Queue()
-            stop = self.tap.listen(var, queue.put_nowait)
+            stop = self.tap.listen(
+                var, lambda delta, _: queue.put_nowait(delta.text) if delta.text else None
+            )
             getter = asyncio.ensure_future(var.get(perf))
 
             def settled(task: asyncio.Future[str]) -> None:

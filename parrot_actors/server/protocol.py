@@ -238,6 +238,28 @@ class StreamOptions(Request, kw_only=True):
     include_usage: bool = False
 
 
+MAX_CHOICES = 16
+"""`n` at most (choices sampled from one prompt fill)."""
+MAX_RETAIN_S = 3600.0
+"""`parrot.retain_s` at most (seconds a session's context is kept between turns)."""
+
+
+class ParrotHints(Request, kw_only=True):
+    """`"parrot": {...}` in an OpenAI request body (the openai client sends it with
+    `extra_body={"parrot": {...}}`): what the app knows and the server cannot guess.
+
+    session: the program this request belongs to (an agent's run, a chat): its requests are
+    scheduled by the session's attained service, and each turn's context is kept for the next
+    (use an unguessable id). objective: "latency" (default) or "throughput". retain_s: how long
+    the turn's context is kept for the session's next request (seconds; default 30 with a
+    session, 0 disables). All optional; an unknown field is a 400 naming it.
+    """
+
+    session: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    objective: Literal["latency", "throughput"] | None = None
+    retain_s: Annotated[float, Meta(ge=0.0, le=MAX_RETAIN_S)] | None = None
+
+
 class _OpenAIRequest(Request, kw_only=True):
     """Fields shared by completions and chat completions. Fields that the service accepts for
     compatibility but does not implement must keep their neutral value (a 400 says so)."""
@@ -245,7 +267,7 @@ class _OpenAIRequest(Request, kw_only=True):
     model: str
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: TopP | None = None
-    n: int | None = None
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: Stop | None = None
@@ -254,6 +276,7 @@ class _OpenAIRequest(Request, kw_only=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    parrot: ParrotHints | None = None
 
 
 class CompletionRequest(_OpenAIRequest, kw_only=True):
@@ -261,7 +284,7 @@ class CompletionRequest(_OpenAIRequest, kw_only=True):
 
     prompt: str | list[str | int]
     max_tokens: MaxTokens | None = None
-    logprobs: int | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -295,17 +318,35 @@ class ChatRequest(_OpenAIRequest, kw_only=True):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
 
 
+class PromptTokensDetails(Response, kw_only=True):
+    """cached_tokens: prompt tokens not computed because the session's retained context
+    (of its previous turn) already held them."""
+
+    cached_tokens: int
+
+
 class Usage(Response, kw_only=True):
-    """Token counts of one request: prompt tokens (the tokenizer's length of the prompt) and
-    generated tokens."""
+    """Token counts of one request: prompt tokens (the tokenizer's length of the prompt),
+    generated tokens (all choices), and the prompt tokens reused from the session."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(Response, kw_only=True):
+    """`logprobs` of a completion choice: per generated token its text, log-probability, the
+    most likely alternatives (text -> log-probability) and its offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
 
 
 class CompletionChoice(Response, kw_only=True):
@@ -314,7 +355,7 @@ class CompletionChoice(Response, kw_only=True):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(Response, kw_only=True):
@@ -336,13 +377,36 @@ class AssistantMessage(Response, kw_only=True):
     content: str
 
 
+class TopLogprob(Response, kw_only=True):
+    """One alternative token: its text, UTF-8 bytes and log-probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(Response, kw_only=True):
+    """One generated token of a chat choice, with its most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Response, kw_only=True):
+    """`logprobs` of a chat choice (or of one streamed chunk)."""
+
+    content: list[TokenLogprob]
+
+
 class ChatChoice(Response, kw_only=True):
     """One chat completion choice."""
 
     index: int
     message: AssistantMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(Response, kw_only=True):
@@ -369,7 +433,7 @@ class ChatChunkChoice(Response, kw_only=True):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(Response, kw_only=True):
@@ -384,12 +448,14 @@ class ChatCompletionChunk(Response, kw_only=True):
 
 
 class ModelCard(Response, kw_only=True):
-    """One served model."""
+    """One served model: `created` is when this server started (Unix seconds);
+    max_model_len, the longest context its engines hold (tokens)."""
 
     id: str
     object: str = "model"
     created: int = 0
     owned_by: str = "parrot_actors"
+    max_model_len: int = 0
 
 
 class ModelList(Response, kw_only=True):
@@ -397,3 +463,50 @@ class ModelList(Response, kw_only=True):
 
     object: str = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(Request, kw_only=True):
+    """POST /tokenize: the token ids of `prompt` as the model's engines tokenize a prompt
+    (special tokens such as BOS included unless `add_special_tokens` is false)."""
+
+    model: str
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(Response, kw_only=True):
+    """The tokens, their count and the model's longest context (tokens)."""
+
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(Request, kw_only=True):
+    """POST /detokenize: the text of token ids (special tokens skipped)."""
+
+    model: str
+    tokens: list[Annotated[int, Meta(ge=0)]]
+
+
+class DetokenizeResponse(Response, kw_only=True):
+    """The text."""
+
+    prompt: str
+
+
+class OpenAIErrorBody(Response, kw_only=True):
+    """An error in OpenAI's shape, so OpenAI clients raise the right exception: `message`,
+    `type` (e.g. "invalid_request_error", "authentication_error", "server_error"), `param`
+    (the request field at fault, when known) and `code` (this service's error class)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(Response, kw_only=True):
+    """`{"error": {...}}` of the OpenAI routes."""
+
+    error: OpenAIErrorBody

@@ -1,34 +1,23 @@
-"""Placing single requests (the OpenAI-compatible API) directly on engines.
+"""Which engines serve a model, for the OpenAI-compatible API.
 
-These requests are one prompt and one generation each, with no graph around them, so they go
-straight to the least loaded healthy engine that serves the requested model, at latency
-priority. The engine context lives exactly as long as the request: a client that disconnects
-cancels the handler, and the context is freed on the way out (shielded, so the KV is released
-even then).
+A request names a model: its name, an alias such as "default", or an engine's name. The
+request itself runs as a call in the scheduler (placement, prefix sharing, retries); this module
+only finds an engine of that model to tokenize and render its prompt with (engines of one model
+share the tokenizer and the chat template) and the model name the call asks for.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-from collections import defaultdict
-from collections.abc import AsyncIterator
-
 from parrot_actors.engines.api import EngineClient
-from parrot_actors.errors import ParrotError
-from parrot_actors.messages import LATENCY_PRIORITY
 from parrot_actors.runtime import Runtime
 from parrot_actors.server.errors import BadRequestError, NotFoundError
 
 
 class EngineRouter:
-    """Chooses engines for single requests and owns their contexts."""
+    """The runtime's engines, by model."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.inflight: dict[str, int] = defaultdict(int)
-        self._ids = itertools.count()
 
     @property
     def engines(self) -> list[EngineClient]:
@@ -40,47 +29,12 @@ class EngineRouter:
         return sorted({e.model_name for e in self.engines})
 
     def pick(self, model: str) -> EngineClient:
-        """The least loaded engine (running + waiting requests + our requests in flight) that
-        serves `model` (a model name, an alias such as "default", or an engine name), among
-        the healthy ones when any is (a request sent to an engine that is restarting waits for
-        its rebuild). Raises `NotFoundError` (404)."""
+        """An engine that serves `model` (a model name, an alias such as "default", or an
+        engine name), a healthy one when there is one. Raises `NotFoundError` (404)."""
         cands = [e for e in self.engines if model in (e.model_name, e.name, *e.aliases)]
         if not cands:
             raise NotFoundError(f"model {model!r} is not served; served models: {self.models()}")
-        cands = [e for e in cands if e.healthy] or cands
-
-        def load(e: EngineClient) -> tuple[int, str]:
-            s = e.stats()
-            return (s.running + s.waiting + self.inflight[e.name], e.name)
-
-        return min(cands, key=load)
-
-    @contextlib.asynccontextmanager
-    async def context(
-        self, engine: EngineClient, prompt: str | list[int]
-    ) -> AsyncIterator[tuple[str, int]]:
-        """A new context on `engine` filled with `prompt` (text or token ids), at latency
-        priority; yields (context id, prompt tokens) and frees the context on exit, also when
-        cancelled. Raises the engine's `InvalidRequestError`/`CapacityError` (400)."""
-        ctx = f"openai-{next(self._ids)}"
-        self.inflight[engine.name] += 1
-        try:
-            if isinstance(prompt, str):
-                fill = await engine.fill(ctx, text=prompt, priority=LATENCY_PRIORITY)
-            else:
-                fill = await engine.fill(ctx, token_ids=prompt, priority=LATENCY_PRIORITY)
-            yield ctx, fill.context_len
-        finally:
-            self.inflight[engine.name] -= 1
-            await _free(engine, ctx)
-
-
-async def _free(engine: EngineClient, ctx: str) -> None:
-    # Shielded: a cancelled handler (client gone) must still release the KV blocks.
-    task = asyncio.ensure_future(engine.free_context(ctx))
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    with contextlib.suppress(ParrotError):
-        await asyncio.shield(task)
+        return next((e for e in cands if e.healthy), cands[0])
 
 
 def completion_prompt(prompt: str | list[str | int]) -> str | list[int]:
@@ -90,9 +44,9 @@ def completion_prompt(prompt: str | list[str | int]) -> str | list[int]:
         return prompt
     if len(prompt) == 1 and isinstance(prompt[0], str):
         return prompt[0]
-    token_ids = [t for t in prompt if isinstance(t, int) and not isinstance(t, bool)]
-    if prompt and len(token_ids) == len(prompt):
-        return token_ids
+    ids = [t for t in prompt if isinstance(t, int) and not isinstance(t, bool)]
+    if prompt and len(ids) == len(prompt):
+        return ids
     raise BadRequestError(
         "prompt: give one text, a list of one text, or a non-empty list of token ids "
         "(batched prompts are not supported; send one request each)"

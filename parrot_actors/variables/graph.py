@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from parrot_actors.errors import CallError
+from parrot_actors.messages import GenerateResult
 from parrot_actors.variables.lifecycle import CallState
 from parrot_actors.variables.perf import LATENCY, THROUGHPUT
 from parrot_actors.variables.template import Text
@@ -50,6 +51,15 @@ class SemanticCall:
     asked for (or the runtime is eager), so the call runs once its inputs resolve.
     prompt_tokens / completion_tokens: what the call's run consumed and generated (tokens; set
     when it finishes; a session's own counters are their sums).
+
+    For requests that arrive as one prompt (the OpenAI API): prompt_ids, the prompt as token
+    ids (instead of tokenizing the text before the first output); program, the session the
+    call belongs to (calls of one program are scheduled by the program's attained service);
+    samples, how many generations are sampled from one fill of the prompt (`n`; one output
+    only); retain_s, how long the context is kept for the program's next call (seconds; 0:
+    freed at once). Set by the run: results, each output's (or sample's) `GenerateResult`;
+    delivered, whether any token was streamed to a listener (then it is never re-run);
+    cached_tokens, prompt tokens forked from the program's retained context.
     """
 
     function_name: str
@@ -63,6 +73,13 @@ class SemanticCall:
     state: CallState = CallState.PENDING  # changed only by `lifecycle.advance`
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_ids: tuple[int, ...] | None = None
+    program: str | None = None
+    samples: int = 1
+    retain_s: float = 0.0
+    results: list[GenerateResult] = field(default_factory=list)
+    delivered: bool = False
+    cached_tokens: int = 0
 
     @property
     def inputs(self) -> list[Variable]:
@@ -136,7 +153,7 @@ def prefix_hash(call: SemanticCall) -> tuple[str | None, str | None]:
     dynamic = None
     for i, p in enumerate(call.pieces):
         if p.kind == "text":
-            if i == 0:
+            if i == 0 and p.text:
                 static = _h("s:" + p.text)
             lead.append("t:" + p.text)
         elif p.kind == "input":

@@ -40,7 +40,9 @@ from parrot_actors.variables.variable import Variable
 
 class CallStats(msgspec.Struct, kw_only=True):
     """Timings of one call, in seconds: queueing (ready -> dispatched), time to first token,
-    decode time, end-to-end (ready -> last output); and its engine and token counts."""
+    decode time, end-to-end (ready -> last output); its engine; and token counts: prompt
+    (before its first output), completion (all outputs and samples), and of the prompt tokens
+    its fills appended, those computed and those reused (forked or cached)."""
 
     call_id: int
     function: str
@@ -52,6 +54,8 @@ class CallStats(msgspec.Struct, kw_only=True):
     e2e_s: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    computed_tokens: int = 0
+    reused_tokens: int = 0
 
 
 def sampling_of(items: tuple[tuple[str, object], ...]) -> SamplingParams:
@@ -196,7 +200,7 @@ async def run_call(
                     if fork.ready is not None:
                         await fork.ready
                     rest = prompt_ids[fork.tokens :]
-                    await engine.fill(
+                    fill = await engine.fill(
                         context_id,
                         token_ids=rest or None,
                         parent_context_id=fork.context_id,
@@ -204,10 +208,14 @@ async def run_call(
                         parent_tokens=fork.tokens,
                     )
                 else:
-                    await engine.fill(context_id, token_ids=prompt_ids, priority=priority)
+                    fill = await engine.fill(context_id, token_ids=prompt_ids, priority=priority)
                 created = True
+                stats.computed_tokens += fill.computed_tokens
+                stats.reused_tokens += fill.reused_tokens
             elif buf:
-                await engine.fill(context_id, text=buf, priority=priority)
+                fill = await engine.fill(context_id, text=buf, priority=priority)
+                stats.computed_tokens += fill.computed_tokens
+                stats.reused_tokens += fill.reused_tokens
             buf = ""
             sampling = sampling_of(piece.sampling)
             var = piece.variable

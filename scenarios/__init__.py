@@ -18,8 +18,10 @@ SCENARIO_NAMES = (
     "gpts",
     "multi_agent",
     "mixed",
+    "agent_sessions",
 )
-"""Scenario names, in the order of the paper's figures (Fig. 11-18)."""
+"""Scenario names, in the order of the paper's figures (Fig. 11-18), then agent sessions over
+the OpenAI API (beyond the paper)."""
 
 
 def load(name: str) -> ModuleType:

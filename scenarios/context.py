@@ -20,7 +20,8 @@ class RunContext:
     """One mode's run. mode: "parrot" or "baseline". rtt_s: simulated network round trip
     (seconds) paid per request by the baseline and once per app by Parrot. model: the served
     model name (OpenAI `model`). tokenizer: the served model's, for token counts and
-    truncation. bar: a tqdm progress bar over apps (or None)."""
+    truncation. bar: a tqdm progress bar over apps (or None). extra: counters the scenario
+    keeps (they land in `ModeResult.extra`)."""
 
     mode: str
     url: str
@@ -34,6 +35,7 @@ class RunContext:
     calls: list[CallRecord] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     round_trips: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
     @property

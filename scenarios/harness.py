@@ -234,4 +234,5 @@ async def _drive(
         tokens=_tokens(before, after),
         outputs=dict(sorted(ctx.outputs.items())),
         load=(load0, os.getloadavg()[0]),
+        extra=dict(ctx.extra),
     )

@@ -75,6 +75,12 @@ def print_table(name: str, results: list[ModeResult], out: TextIO) -> None:
                     for x in labels
                 )
                 out.write(f"{title:<24}{cells}\n")
+    derived = _derived(name, results)
+    if derived:
+        out.write(f"\n{name} — derived\n")
+        for title in derived[0]:
+            cells = "".join(f"{_fmt('{:.0f}', d[title]):>{width}}" for d in derived)
+            out.write(f"{title:<24}{cells}\n")
     compared, bad = compare_outputs(results)
     if compared:
         verdict = "identical" if not bad else f"{len(bad)} differ: {bad[:5]}"
@@ -100,9 +106,20 @@ def report_dict(name: str, argv: list[str], results: list[ModeResult]) -> dict:
             k: {m: speedups(results, k, m) for m in ("mean_s", "norm_s_per_token")}
             for k in kinds(results)
         },
+        "derived": dict(zip([r.label for r in results], _derived(name, results), strict=True))
+        if _derived(name, results)
+        else {},
         "outputs_compared": compared,
         "outputs_differ": bad,
     }
+
+
+def _derived(name: str, results: list[ModeResult]) -> list[dict[str, float]]:
+    """Each mode's rows from the scenario's `derived(result)`, if it has one."""
+    from scenarios import load
+
+    fn = getattr(load(name), "derived", None)
+    return [fn(r) for r in results] if fn is not None else []
 
 
 def write_json(path: Path, body: dict) -> None:

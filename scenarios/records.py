@@ -58,7 +58,7 @@ class ModeResult(msgspec.Struct, kw_only=True):
     "baseline-throughput". engine: the engine settings used. wall_s: the run's makespan.
     outputs: every call's output text by a key that is the same in both modes. load: the
     machine's 1-minute load average before and after the run (other processes' load shows
-    here: the CPU is shared)."""
+    here: the CPU is shared). extra: counters the scenario kept (named in its module)."""
 
     label: str
     engine: dict
@@ -70,3 +70,4 @@ class ModeResult(msgspec.Struct, kw_only=True):
     tokens: TokenStats
     outputs: dict[str, str]
     load: tuple[float, float] = (0.0, 0.0)
+    extra: dict[str, float] = {}

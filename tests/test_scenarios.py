@@ -27,6 +27,7 @@ EXPECTED_KEYS = {
         "reviser/tensor.py",
     ],
     "mixed": ["chat/0", "chat/1", "job0/map0", "job0/map1", "job0/reduce"],
+    "agent_sessions": ["session0/turn0", "session0/turn1", "session1/turn0", "session1/turn1"],
 }
 
 # Round trips each mode pays (the background stream of chain_summary adds a variable number).
@@ -67,9 +68,10 @@ def test_both_modes_complete_and_identical(name, tmp_path):
     assert compared == len(results[0].outputs) and differ == []
     if name in ROUND_TRIPS:
         assert {r.label: r.round_trips for r in results} == ROUND_TRIPS[name]
-    # The baseline never forks nor caches a prefix; its calls are timed on the client.
+    # The baseline never forks a prefix (nor caches one, but for agent sessions, whose
+    # baseline is vLLM's with automatic prefix caching); its calls are timed on the client.
     for r in results[1:]:
-        assert r.tokens.reused_tokens == 0
+        assert (r.tokens.reused_tokens == 0) == (name != "agent_sessions")
         if name == "chain_summary":  # a background request cut off at the end paid its trip
             assert 0 <= r.round_trips - len(r.calls) <= 1
         else:
@@ -114,3 +116,20 @@ def test_missing_shared_data_degrades_with_a_message(tmp_path, monkeypatch, caps
     assert "recorded run not found" in err
     assert compare_outputs(results)[1] == []
     assert all(r.outputs["architect"] for r in results)
+
+
+def test_agent_sessions_keep_their_context_where_the_baseline_recomputes(tmp_path):
+    # A KV cache of 3072 tokens: the two sessions' contexts (about 700 tokens each) fit next
+    # to the one-shot prompts running, but the one-shot prompts evict the baseline's cached
+    # blocks while a session waits on its tool.
+    results, body = run_smallest(
+        "agent_sessions",
+        tmp_path,
+        *("--kv-cache-mb", "1.5", "--turns", "4", "4", "--tool-latency", "0.3", "0.5"),
+        *("--tool-tokens", "100", "150", "--system-tokens", "100", "--oneshot-clients", "2"),
+        *("--oneshot-tokens", "400"),
+    )
+    parrot, baseline = (body["derived"][label] for label in ("parrot", "baseline"))
+    assert body["outputs_differ"] == [] and body["outputs_compared"] == 8
+    assert baseline["session prefill (tok)"] > 2 * parrot["session prefill (tok)"] > 0
+    assert all(r.extra["oneshot_prompt_tokens"] >= 400 for r in results)

@@ -167,9 +167,7 @@ class RayEngine(TokenizerMethods):
         )
         rec = self._ctx.get(context_id)
         if rec is None or rec.incarnation != out.incarnation:
-            rec = self._ctx[context_id] = _Ctx(
-                out.incarnation, parent_context_id, parent_tokens
-            )
+            rec = self._ctx[context_id] = _Ctx(out.incarnation, parent_context_id, parent_tokens)
         rec.fills.append((token_ids, text))
         result: FillResult = out.value
         return result

@@ -27,6 +27,7 @@ from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.scheduler.executor import (
     CallStats,
     ForkFrom,
+    ProgramStats,
     first_segment,
     priority_of,
     run_call,
@@ -105,7 +106,7 @@ class Scheduler:
         self._forking: dict[int, Retained] = {}  # call id -> the retained context it forks
         self._doomed: set[int] = set()  # ids of retained contexts to free once nobody forks
         self._expiry: asyncio.TimerHandle | None = None
-        self._attained: OrderedDict[str, int] = OrderedDict()
+        self._programs: OrderedDict[str, ProgramStats] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
         self._ctx_ids = itertools.count()
@@ -296,7 +297,7 @@ class Scheduler:
                 first[group] if group is not None else q.seq,
                 q.seq,
                 wait,
-                self._attained.get(program, 0) if program is not None else 0,
+                self.attained(program),
             )
 
         window: list[_Ready] = []
@@ -331,7 +332,7 @@ class Scheduler:
             max_new_tokens=max_new * call.samples,
             model=call.model,
             waited_s=now - queued.ready_at,
-            attained=0 if fcfs or call.program is None else self._attained.get(call.program, 0),
+            attained=0 if fcfs else self.attained(call.program),
         )
 
     def _start(
@@ -350,6 +351,7 @@ class Scheduler:
             function=call.function_name,
             engine=engine_name,
             objective=info.objective,
+            program=call.program,
         )
         ids = self._ids[call.id]
         entry = None
@@ -385,10 +387,11 @@ class Scheduler:
         self.running.pop(call.id, None)
         self._done_forking(call)
         if call.program is not None:
-            served = self._attained.pop(call.program, 0)
-            self._attained[call.program] = served + stats.prompt_tokens + stats.completion_tokens
-            while len(self._attained) > self.config.max_programs:
-                self._attained.popitem(last=False)
+            served = self._programs.pop(call.program, None) or ProgramStats()
+            served.add(stats, call.cached_tokens)
+            self._programs[call.program] = served  # most recently served last
+            while len(self._programs) > self.config.max_programs:
+                self._programs.popitem(last=False)
         if call.state is CallState.RETRY:
             self._retry(call, stats.engine)
             return
@@ -423,15 +426,22 @@ class Scheduler:
 
     # ---- retained contexts ----------------------------------------------------------------
 
-    def attained(self, program: str) -> int:
-        """Tokens (prompt and generated) the program's calls have been served so far."""
-        return self._attained.get(program, 0)
+    def attained(self, program: str | None) -> int:
+        """Tokens (prompt and generated) the program's calls have been served so far (0 for
+        None or a program not seen, or forgotten among more than `config.max_programs`)."""
+        served = self._programs.get(program) if program is not None else None
+        return served.attained if served is not None else 0
+
+    def program_stats(self, program: str) -> ProgramStats | None:
+        """What the program has been served (None if unknown); see `ProgramStats`."""
+        return self._programs.get(program)
 
     def _retained_fork(
         self, call: SemanticCall, engine_name: str, ids: list[int]
     ) -> ForkFrom | None:
         """A fork of the program's retained context on `engine_name` covering the longest
         prefix it shares with `ids` (one token at least is left to compute), or None."""
+        call.cached_tokens = 0
         kept = self.retention.lookup(call.program, engine_name)
         if kept is None or id(kept) in self._doomed:
             return None

@@ -42,7 +42,7 @@ class CallStats(msgspec.Struct, kw_only=True):
     """Timings of one call, in seconds: queueing (ready -> dispatched), time to first token,
     decode time, end-to-end (ready -> last output); its engine; and token counts: prompt
     (before its first output), completion (all outputs and samples), and of the prompt tokens
-    its fills appended, those computed and those reused (forked or cached)."""
+    its fills appended, those computed and those reused (forked or cached); its program."""
 
     call_id: int
     function: str
@@ -56,6 +56,34 @@ class CallStats(msgspec.Struct, kw_only=True):
     completion_tokens: int = 0
     computed_tokens: int = 0
     reused_tokens: int = 0
+    program: str | None = None
+
+
+class ProgramStats(msgspec.Struct, kw_only=True):
+    """What one program (a session) has been served over its finished calls, in tokens:
+    calls, prompt and completion tokens, prompt tokens computed and reused, and of those
+    reused, the ones forked from its own retained context (`cached_tokens`)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    computed_tokens: int = 0
+    reused_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def attained(self) -> int:
+        """Tokens served (prompt and completion): the program's attained service."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, call: CallStats, cached_tokens: int) -> None:
+        """Count one finished call (or attempt)."""
+        self.calls += 1
+        self.prompt_tokens += call.prompt_tokens
+        self.completion_tokens += call.completion_tokens
+        self.computed_tokens += call.computed_tokens
+        self.reused_tokens += call.reused_tokens
+        self.cached_tokens += cached_tokens
 
 
 def sampling_of(items: tuple[tuple[str, object], ...]) -> SamplingParams:
@@ -117,15 +145,19 @@ async def _samples(
     call: SemanticCall,
     var: Variable,
     tap: TokenTap | None,
+    stats: CallStats,
 ) -> list[GenerateResult]:
     """`call.samples` generations from the one filled prompt of `context_id`: the first on it,
     the others on forks of it (created before anything is generated, so each holds just the
-    prompt), with seeds `seed + i` when a seed is given. The forks are freed at the end."""
+    prompt; their tokens count as reused in `stats`), with seeds `seed + i` when a seed is
+    given. The forks are freed at the end."""
     n = call.samples
     children = [f"{context_id}/{i}" for i in range(1, n)]
     try:
         for child in children:
-            await engine.fill(child, parent_context_id=context_id, priority=priority)
+            fill = await engine.fill(child, parent_context_id=context_id, priority=priority)
+            stats.computed_tokens += fill.computed_tokens
+            stats.reused_tokens += fill.reused_tokens
 
         def seeded(i: int) -> SamplingParams:
             seed = None if sampling.seed is None else sampling.seed + i
@@ -220,7 +252,9 @@ async def run_call(
             sampling = sampling_of(piece.sampling)
             var = piece.variable
             if call.samples > 1:
-                results = await _samples(engine, context_id, sampling, priority, call, var, tap)
+                results = await _samples(
+                    engine, context_id, sampling, priority, call, var, tap, stats
+                )
             else:
                 results = [
                     await _generate(engine, context_id, sampling, priority, call, var, tap, 0)

@@ -98,11 +98,11 @@ def admission_key(
     each, the least attained service of the call's program first (Autellix, arXiv 2502.13965:
     program-level least attained service, so a long agent neither starves short ones nor
     blocks them), then the members of a task group together, at the arrival of the group's
-    first member (`group_first`; a call's own `seq` when it has no group), then by arrival."""
+    first member (`group_first`; a call's own `seq` when it has no group), then by arrival.
+    Calls past the bound go by arrival alone, so the bound holds for every program."""
     if waited_s >= max_wait_s:
-        klass = 0
-    else:
-        klass = 1 if objective == "latency" else 2
+        return (0, 0, seq, seq)
+    klass = 1 if objective == "latency" else 2
     return (klass, attained, group_first, seq)
 
 

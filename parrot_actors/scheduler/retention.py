@@ -86,14 +86,18 @@ class Retention:
         """(program, engine) of every retained context."""
         return [(r.program, r.engine) for r in self._by_program.values()]
 
+    def of(self, program: str | None) -> Retained | None:
+        """The program's retained context, if any."""
+        return self._by_program.get(program) if program is not None else None
+
     def lookup(self, program: str | None, engine: str) -> Retained | None:
         """The program's retained context if it is on `engine`."""
-        r = self._by_program.get(program) if program is not None else None
+        r = self.of(program)
         return r if r is not None and r.engine == engine else None
 
     def engine_of(self, program: str | None) -> str | None:
         """The engine holding the program's retained context, if any."""
-        r = self._by_program.get(program) if program is not None else None
+        r = self.of(program)
         return r.engine if r is not None else None
 
     def expired(self, now: float | None = None) -> list[Retained]:

@@ -114,15 +114,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         if exc.status == 404:
-            return _answer(
-                request, 404, NotFoundError(f"no route {request.method} {request.path}")
-            )
+            return _answer(request, 404, NotFoundError(f"no route {request.method} {request.path}"))
         if exc.status == 413:
             error = PayloadTooLargeError(exc.text or "request body too large")
             return _answer(request, 413, error)
-        return _answer(
-            request, exc.status, ParrotError(exc.text or exc.reason), type(exc).__name__
-        )
+        return _answer(request, exc.status, ParrotError(exc.text or exc.reason), type(exc).__name__)
     except ParrotError as exc:
         return _answer(request, status_of(exc), exc)
     except asyncio.CancelledError:
@@ -136,7 +132,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def is_openai_route(path: str) -> bool:
     """True for the routes that answer errors in OpenAI's shape."""
-    return path in OPENAI_ROUTES
+    return path in OPENAI_ROUTES or path.startswith("/v1/parrot/")
 
 
 OPENAI_ROUTES = frozenset(

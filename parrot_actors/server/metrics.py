@@ -76,6 +76,17 @@ class _LiveCollector:
             "calls running on engines",
             value=len(scheduler.running) if scheduler is not None else 0,
         )
+        retention = scheduler.retention if scheduler is not None else None
+        yield GaugeMetricFamily(
+            "parrot_retained_contexts",
+            "contexts kept on engines for their session's next request",
+            value=len(retention) if retention is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "parrot_retained_tokens",
+            "token ids held by retained contexts",
+            value=retention.tokens if retention is not None else 0,
+        )
         yield GaugeMetricFamily("parrot_sessions", "live sessions", value=self.sessions())
 
 

@@ -42,6 +42,7 @@ from parrot_actors.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    HintSessionStats,
     ModelCard,
     ModelList,
     ParrotHints,
@@ -83,6 +84,7 @@ class OpenAIAPI:
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/tokenize", self.tokenize),
             web.post("/detokenize", self.detokenize),
+            web.get("/v1/parrot/sessions/{session}", self.session_stats),
         ]
 
     async def models(self, request: web.Request) -> web.Response:
@@ -111,6 +113,34 @@ class OpenAIAPI:
         except (ValueError, OverflowError, TypeError) as exc:  # ids outside the vocabulary
             raise BadRequestError(f"tokens: cannot be decoded: {exc}") from None
         return json_response(DetokenizeResponse(prompt=text))
+
+    async def session_stats(self, request: web.Request) -> web.Response:
+        """GET /v1/parrot/sessions/{session}: what a hint session has been served and the
+        context kept for it (see `HintSessionStats`); zeros for a session never seen (or
+        forgotten among more than `SchedulerConfig.max_programs`)."""
+        session = request.match_info["session"]
+        scheduler = self.runtime.scheduler
+        out = HintSessionStats(session=session)
+        if scheduler is None:
+            return json_response(out)
+        program = program_of(session)
+        served = scheduler.program_stats(program)
+        if served is not None:
+            out = HintSessionStats(
+                session=session,
+                calls=served.calls,
+                prompt_tokens=served.prompt_tokens,
+                completion_tokens=served.completion_tokens,
+                computed_tokens=served.computed_tokens,
+                reused_tokens=served.reused_tokens,
+                cached_tokens=served.cached_tokens,
+                attained_tokens=served.attained,
+            )
+        kept = scheduler.retention.of(program)
+        if kept is not None:
+            out.retained_tokens = len(kept.tokens)
+            out.retained_for_s = round(max(0.0, kept.expires_at - time.monotonic()), 3)
+        return json_response(out)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
@@ -141,9 +171,7 @@ class OpenAIAPI:
         prompt = engine.render_chat(messages)
         head = _system_head(engine, messages, prompt)
         fmt = ChatFormat(req.model, logprobs, _token_text(engine))
-        call, var = self._call(
-            engine, (head, prompt[len(head) :]), None, sampling, request, req
-        )
+        call, var = self._call(engine, (head, prompt[len(head) :]), None, sampling, request, req)
         return await self._answer(request, req, call, var, fmt)
 
     def _call(
@@ -167,7 +195,7 @@ class OpenAIAPI:
             [*pieces, Piece("output", var=var, sampling=items)],
             model=engine.model_name,
             prompt_ids=prompt_ids,
-            program=hints.session,
+            program=None if hints.session is None else program_of(hints.session),
             samples=req.n or 1,
         )
         if hints.session is not None:
@@ -182,9 +210,7 @@ class OpenAIAPI:
         header = request.headers.get(SESSION_HEADER)
         if hints.session is None and header is not None:
             if not 0 < len(header) <= 256 or not header.isprintable():
-                raise BadRequestError(
-                    f"{SESSION_HEADER}: must be 1 to 256 printable characters"
-                )
+                raise BadRequestError(f"{SESSION_HEADER}: must be 1 to 256 printable characters")
             hints = msgspec.structs.replace(hints, session=header)
         return hints
 
@@ -272,6 +298,12 @@ class OpenAIAPI:
             total_tokens=prompt + completion,
             prompt_tokens_details=details,
         )
+
+
+def program_of(session: str) -> str:
+    """The program of a hint session's requests (Parrot sessions are "session:<id>", so the
+    two APIs never share one)."""
+    return f"openai:{session}"
 
 
 def _event(obj: Any) -> bytes:

@@ -122,7 +122,7 @@ class ParrotAPI:
                 raise TooManyPendingError(
                     f"the call would take the session over {self.config.max_variables} variables"
                 )
-            prepared.call.program = s.id  # a session's calls are one program
+            prepared.call.program = program_of(s.id)  # a session's calls are one program
             self.runtime.submit(prepared.call)
             for var_id, var in prepared.new_vars.items():
                 s.register(var_id, var, delivered=var_id in prepared.inline)
@@ -304,3 +304,9 @@ def _retrieve(task: asyncio.Future[str]) -> None:
 
 def _encode_error(exc: BaseException) -> bytes:
     return msgspec.json.encode(ErrorResponse(error=error_body(exc)))
+
+
+def program_of(session_id: str) -> str:
+    """The program of a Parrot session's calls (OpenAI sessions are "openai:<id>", so the two
+    APIs never share one)."""
+    return f"session:{session_id}"

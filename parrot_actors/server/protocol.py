@@ -495,6 +495,26 @@ class DetokenizeResponse(Response, kw_only=True):
     prompt: str
 
 
+class HintSessionStats(Response, kw_only=True):
+    """GET /v1/parrot/sessions/{session}: what a session named in OpenAI requests' hints has
+    been served (its finished requests), in tokens: `calls`, prompt and completion tokens,
+    prompt tokens computed and reused (forked or cached), of those the ones forked from its
+    own previous turn (`cached_tokens`), and its attained service (prompt + completion, what
+    the scheduler orders programs by). `retained_tokens`: its context kept on an engine now
+    (0: none) and `retained_for_s` how much longer (seconds)."""
+
+    session: str
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    computed_tokens: int = 0
+    reused_tokens: int = 0
+    cached_tokens: int = 0
+    attained_tokens: int = 0
+    retained_tokens: int = 0
+    retained_for_s: float = 0.0
+
+
 class OpenAIErrorBody(Response, kw_only=True):
     """An error in OpenAI's shape, so OpenAI clients raise the right exception: `message`,
     `type` (e.g. "invalid_request_error", "authentication_error", "server_error"), `param`

@@ -29,9 +29,13 @@ class EngineRouter:
         return sorted({e.model_name for e in self.engines})
 
     def pick(self, model: str) -> EngineClient:
-        """An engine that serves `model` (a model name, an alias such as "default", or an
-        engine name), a healthy one when there is one. Raises `NotFoundError` (404)."""
-        cands = [e for e in self.engines if model in (e.model_name, e.name, *e.aliases)]
+        """An engine that serves `model` (a model name, an engine's alias or name), a healthy
+        one when there is one. "default", unless an engine claims it as an alias, is the model
+        of the first engine. Raises `NotFoundError` (404)."""
+        engines = self.engines
+        cands = [e for e in engines if model in (e.model_name, e.name, *e.aliases)]
+        if not cands and model == "default" and engines:
+            cands = [e for e in engines if e.model_name == engines[0].model_name]
         if not cands:
             raise NotFoundError(f"model {model!r} is not served; served models: {self.models()}")
         return next((e for e in cands if e.healthy), cands[0])

@@ -12,13 +12,14 @@ import torch
 import parrot_actors as pa
 from parrot_actors.engines import Engine, EngineConfig
 from parrot_actors.engines import contexts as contexts_module
+from parrot_actors.engines.engine import build_core
 from parrot_actors.errors import (
     EngineDiedError,
     EngineError,
     InvalidRequestError,
     SamplingError,
 )
-from parrot_actors.messages import SamplingParams
+from parrot_actors.messages import LATENCY_PRIORITY, THROUGHPUT_PRIORITY, SamplingParams
 from tests.conftest import TINY, tiny_config
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -359,3 +360,43 @@ async def test_after_a_restart_the_scheduler_rebuilds_prefixes_it_held():
             assert entry.context_id in engine.core.contexts  # a live one, not the lost one
     finally:
         await engine.close()
+
+
+def steps_of_a_latency_call_beside_throughput_work(cap: int | None) -> list[list[tuple]]:
+    """(context, kind, priority, new tokens) of each step of a core running a latency call
+    (10-token fill, 3 tokens generated) next to a 40-token throughput fill."""
+    core = build_core(tiny_config(throughput_step_tokens=cap, prefix_caching=False))
+
+    def done(result: object, error: object) -> None:
+        assert error is None
+
+    lat, _ = core.open_context("lat", None)
+    core.add_fill(lat, list(range(100, 110)), LATENCY_PRIORITY, 0, done)
+    core.add_generate(lat, SamplingParams(max_tokens=3, ignore_eos=True), LATENCY_PRIORITY, done)
+    tp, _ = core.open_context("tp", None)
+    core.add_fill(tp, list(range(200, 240)), THROUGHPUT_PRIORITY, 0, done)
+    steps = []
+    while core.has_work():
+        plan = core.schedule()
+        assert plan is not None
+        steps.append([(r.ctx.id, r.kind, r.priority, n) for r, n in plan.items])
+        core.finish_step(plan, core.execute(plan))
+    return steps
+
+
+def test_throughput_work_adds_few_tokens_to_steps_with_latency_work():
+    lat_fill, lat_decode = ("lat", "fill", 0, 10), ("lat", "generate", 0, 1)
+    assert steps_of_a_latency_call_beside_throughput_work(8) == [
+        [lat_fill, ("tp", "fill", 1, 8)],
+        [("tp", "fill", 1, 8), lat_decode],  # the layout puts prefill before decodes
+        [("tp", "fill", 1, 8), lat_decode],
+        [("tp", "fill", 1, 16)],  # the latency call is done: the whole budget again
+    ]
+    # Without the limit (the request-level baseline) the 40 tokens share the first step.
+    assert steps_of_a_latency_call_beside_throughput_work(None) == [
+        [lat_fill, ("tp", "fill", 1, 40)],
+        [lat_decode],
+        [lat_decode],
+    ]
+    with pytest.raises(InvalidRequestError, match="throughput_step_tokens=0"):
+        tiny_config(throughput_step_tokens=0).validate()

@@ -101,7 +101,12 @@ class EngineCore:
 
     Each step admits requests in rank order (latency-critical before throughput, then arrival)
     within `max_batch_tokens` new tokens and `max_running` sequences: running decodes cost one
-    token, fills are chunked to what the budget and the free blocks leave. When the pool runs
+    token, fills are chunked to what the budget and the free blocks leave. While latency-critical
+    work is on the engine, throughput work adds at most `throughput_step_tokens` tokens to a
+    step (None: no limit), so a latency call's decode steps stay short: the token budget of
+    stall-free batching (Sarathi-Serve, Agrawal et al., OSDI 2024, §4.3), applied by objective
+    as Parrot gives latency work small-capacity engines (Lin et al., OSDI 2024, §5.4). Throughput
+    work still advances every step, so it cannot starve. When the pool runs
     out of blocks it drops idle contexts' KV, then preempts the lowest-ranked running request
     (drops its KV; recomputed when it runs again). A request that cannot fit even alone fails
     with `CapacityError`. `batch_sizes` counts steps per batch size (a histogram, bounded by
@@ -120,6 +125,7 @@ class EngineCore:
         prefix_caching: bool = True,
         name: str = "engine0",
         model_name: str = "",
+        throughput_step_tokens: int | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -128,6 +134,7 @@ class EngineCore:
         self.kv_caches = runner.allocate_kv(num_blocks, block_size)
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
+        self.throughput_step_tokens = throughput_step_tokens
         self.cascade = cascade
         self.prefix_caching = prefix_caching
         self.running: list[Request] = []
@@ -349,8 +356,15 @@ class EngineCore:
             (r for r in self.running + self.waiting if r.ctx.num_pending != 1 or not r.running),
             key=Request.rank,
         )
+        latency_here = any(
+            r.priority <= LATENCY_PRIORITY and not r.done for r in self.running + self.waiting
+        )
+        cap = self.throughput_step_tokens if latency_here else None
         for req in dict.fromkeys(decodes_first + rest):
             budget = self.max_batch_tokens - sum(n for _, n in chosen)
+            if cap is not None and req.priority > LATENCY_PRIORITY:
+                used = sum(n for r, n in chosen if r.priority > LATENCY_PRIORITY)
+                budget = min(budget, cap - used)
             if req.done or req not in heads or budget <= 0 or len(chosen) >= self.max_running:
                 continue
             if self.prefix_caching and not req.running:
@@ -621,6 +635,7 @@ class EngineCore:
             max_running=self.max_running,
             cascade=self.cascade,
             prefix_caching=self.prefix_caching,
+            throughput_step_tokens=self.throughput_step_tokens,
             name=self.stats.name,
             model_name=self.stats.model,
         )

@@ -27,6 +27,55 @@ MAX_LOGPROBS = 20
 """Most likely alternatives reported per token at most (OpenAI's limit)."""
 
 
+class Grammar(msgspec.Struct, frozen=True, kw_only=True):
+    """A constraint on generated text, enforced token by token (the engine masks every token
+    that cannot continue a valid output before sampling). Exactly one field is set:
+
+    json_schema: a JSON Schema as JSON text; the output is JSON that validates against it.
+    json_object: any JSON object. regex: the output matches this regular expression (Rust
+    `regex` syntax, as llguidance takes it). choices: the output is exactly one of these
+    strings.
+
+    Raises `InvalidRequestError` from `validate()` naming the field; whether a schema or
+    regex compiles is checked by the engine (`engines.grammar`), also as `InvalidRequestError`.
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    def validate(self) -> Grammar:
+        """Return self if exactly one constraint is set and `choices` holds 1 to
+        `MAX_CHOICES` non-empty strings; else raise `InvalidRequestError`."""
+        given = [
+            name
+            for name, on in (
+                ("json_schema", self.json_schema is not None),
+                ("json_object", self.json_object),
+                ("regex", self.regex is not None),
+                ("choices", self.choices is not None),
+            )
+            if on
+        ]
+        if len(given) != 1:
+            raise InvalidRequestError(
+                f"grammar sets {given or 'nothing'}: set exactly one of json_schema, "
+                "json_object, regex, choices"
+            )
+        if self.choices is not None and not (
+            0 < len(self.choices) <= MAX_CHOICES and all(self.choices)
+        ):
+            raise InvalidRequestError(
+                f"choices={list(self.choices)[:5]!r}: must be 1 to {MAX_CHOICES} non-empty strings"
+            )
+        return self
+
+
+MAX_CHOICES = 1024
+"""Most strings of a `Grammar.choices` constraint."""
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """How to pick tokens in `Engine.generate`.
 
@@ -43,7 +92,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ignore_eos: keep going past EOS (benchmarks use it to fix output lengths).
     logprobs: None, or report each generated token's log-probability and the `logprobs` (0 to
     `MAX_LOGPROBS`) most likely alternatives: log-softmax of the model's logits divided by the
-    temperature (of the raw logits when greedy), before top-k and top-p.
+    temperature (of the raw logits when greedy), before top-k and top-p (and after a
+    grammar's mask). grammar: None, or a `Grammar` the output must follow; the generation
+    ends ("stop") when the grammar admits no further token.
 
     Raises `InvalidRequestError` from `validate()` naming the bad field and the allowed range.
     """
@@ -57,6 +108,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    grammar: Grammar | None = None
 
     def validate(self) -> SamplingParams:
         """Return self if every field is in range, else raise `InvalidRequestError`."""
@@ -87,6 +139,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
                 raise InvalidRequestError(
                     f"stop={s[:40]!r}: stop strings must have 1 to {MAX_STOP_CHARS} characters"
                 )
+        if self.grammar is not None:
+            self.grammar.validate()
         return self
 
 

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ from parrot_actors.engines.api import Tokenizer
 from parrot_actors.engines.block_pool import BlockPool
 from parrot_actors.engines.contexts import Context, ContextTable
 from parrot_actors.engines.detokenizer import Detokenizer
+from parrot_actors.engines.grammar import Grammars
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.sampler import make_generator, sample, token_logprobs
 from parrot_actors.errors import CapacityError, EngineError, InvalidRequestError, SamplingError
@@ -66,6 +68,7 @@ class Request:
     generator: torch.Generator | None = None
     detok: Detokenizer | None = None
     stop_ids: frozenset[int] = frozenset()
+    matcher: Any = None  # llguidance.LLMatcher of a constrained generate
     prompt_tokens: int = 0
     appended: int = 0
     computed: int = 0
@@ -135,6 +138,7 @@ class EngineCore:
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.throughput_step_tokens = throughput_step_tokens
+        self.grammars = Grammars(tokenizer, runner.vocab_size)
         self.cascade = cascade
         self.prefix_caching = prefix_caching
         self.running: list[Request] = []
@@ -255,6 +259,7 @@ class EngineCore:
             stop_ids = frozenset(sampling.stop_token_ids)
         else:
             stop_ids = frozenset() if sampling.ignore_eos else frozenset(self.runner.eos_token_ids)
+        matcher = None if sampling.grammar is None else self.grammars.matcher(sampling.grammar)
         req = Request(
             "generate",
             ctx,
@@ -266,6 +271,7 @@ class EngineCore:
             generator=make_generator(sampling),
             detok=Detokenizer(self.tokenizer, sampling.stop),
             stop_ids=stop_ids,
+            matcher=matcher,
             prompt_tokens=len(ctx.tokens),
         )
         self._check_fits(req, min(len(ctx.tokens) + sampling.max_tokens, self.runner.max_len))
@@ -520,6 +526,11 @@ class EngineCore:
             if self.prefix_caching:
                 self.contexts.register_full_blocks(req.ctx)
         rows = {id(r): i for i, r in enumerate(plan.logit_reqs)}
+        masked = self._masked_rows(
+            [r for r, _ in plan.items if not r.done and r.matcher is not None and id(r) in rows],
+            rows,
+            logits,
+        )
         for req, _ in plan.items:
             if req.done:
                 continue
@@ -531,7 +542,25 @@ class EngineCore:
             if req.kind == "fill":
                 self._finish_fill(req)
                 continue
-            self._sample_safely(req, last)
+            self._sample_safely(req, last, masked.get(id(req)))
+
+    def _masked_rows(
+        self, reqs: list[Request], rows: dict[int, int], logits: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """The grammar-masked logits `[vocab]` of each constrained request (by id), from one
+        batched mask over their rows of `logits` `[rows, vocab]`. A failing mask fails the
+        requests it was for (SamplingError), never the step."""
+        if not reqs:
+            return {}
+        try:
+            out = self.grammars.masked(
+                logits[[rows[id(r)] for r in reqs]], [r.matcher for r in reqs]
+            )
+        except Exception as exc:
+            for req in reqs:
+                self._finish(req, None, SamplingError(f"grammar mask failed: {exc!r}"))
+            return {}
+        return {id(r): out[i] for i, r in enumerate(reqs)}
 
     def _finish_fill(self, req: Request) -> None:
         ctx = req.ctx
@@ -547,11 +576,13 @@ class EngineCore:
             None,
         )
 
-    def _sample_safely(self, req: Request, logits: torch.Tensor) -> None:
-        """`_sample_into`, with any failure (sampling, stop strings, detokenization, the
-        token callback) failing this request only."""
+    def _sample_safely(
+        self, req: Request, logits: torch.Tensor, masked: torch.Tensor | None = None
+    ) -> None:
+        """`_sample_into`, with any failure (sampling, grammar, stop strings, detokenization,
+        the token callback) failing this request only."""
         try:
-            self._sample_into(req, logits)
+            self._sample_into(req, logits, masked)
         except Exception as exc:
             if req.done:
                 return
@@ -562,14 +593,27 @@ class EngineCore:
                 SamplingError(f"generation on context {req.ctx.id!r} failed: {error}"),
             )
 
-    def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
+    def _sample_into(
+        self, req: Request, logits: torch.Tensor, masked: torch.Tensor | None = None
+    ) -> None:
+        """Sample the next token of `req` from `logits` `[vocab]` (from `masked`, its grammar's
+        mask applied, for a constrained request; masked here when the caller has not), and
+        advance the request. The context keeps the unmasked logits."""
         sp, detok = req.sampling, req.detok
         assert sp is not None and detok is not None, "a generate request has both"
-        token = sample(logits, sp, req.generator)
+        if req.matcher is not None and masked is None:
+            masked = self.grammars.masked(logits[None], [req.matcher])[0]
+        pick = logits if masked is None else masked
+        token = sample(pick, sp, req.generator)
+        grammar_done = False
+        if req.matcher is not None:
+            if not req.matcher.consume_token(token):
+                raise SamplingError(f"grammar refused token {token}: {req.matcher.get_error()}")
+            grammar_done = req.matcher.is_stopped()
         logprob: float | None = None
         top: list[tuple[int, float]] | None = None
         if sp.logprobs is not None:
-            logprob, top = token_logprobs(logits, sp, token, sp.logprobs)
+            logprob, top = token_logprobs(pick, sp, token, sp.logprobs)
             req.logprobs.append(logprob)
             req.top_logprobs.append(top)
         now = time.perf_counter()
@@ -586,7 +630,7 @@ class EngineCore:
             # drawn from stay the context's last logits (nothing is pending again).
             req.ctx.tokens.pop()
             req.ctx.last_logits = logits
-        elif stop_hit:
+        elif stop_hit or grammar_done:
             reason = "stop"
         elif len(req.output_ids) >= sp.max_tokens or len(req.ctx.tokens) >= self.runner.max_len:
             reason = "length"

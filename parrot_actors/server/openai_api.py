@@ -21,6 +21,7 @@ prompt as the engine holds it, completion tokens those of every choice, and
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -28,8 +29,9 @@ import msgspec
 from aiohttp import web
 
 from parrot_actors.engines.api import EngineClient
-from parrot_actors.errors import CallError, ParrotError
-from parrot_actors.messages import SamplingParams, TokenDelta
+from parrot_actors.engines.grammar import compile_grammar
+from parrot_actors.errors import CallError, InvalidRequestError, ParrotError
+from parrot_actors.messages import Grammar, SamplingParams, TokenDelta
 from parrot_actors.runtime import Runtime
 from parrot_actors.server.calls import check_sampling
 from parrot_actors.server.config import ServerConfig
@@ -47,6 +49,7 @@ from parrot_actors.server.protocol import (
     ModelList,
     ParrotHints,
     PromptTokensDetails,
+    ResponseFormat,
     TokenizeRequest,
     TokenizeResponse,
     Usage,
@@ -344,6 +347,7 @@ def _sampling(
     """Engine sampling from an OpenAI request (OpenAI's defaults: temperature 1, top_p 1).
     Raises `InvalidRequestError` (400) for values the engines refuse."""
     stop = req.stop
+    grammar = _grammar(req.response_format)
     params = SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -351,8 +355,31 @@ def _sampling(
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
         seed=req.seed,
         logprobs=logprobs,
+        grammar=grammar,
     )
     return check_sampling(params)
+
+
+def _grammar(fmt: ResponseFormat | None) -> Grammar | None:
+    """The constraint of a `response_format`, compiled once here so that a schema that is
+    not JSON Schema is a 400 before anything is scheduled. Raises `BadRequestError`."""
+    if fmt is None or fmt.type == "text":
+        if fmt is not None and fmt.json_schema is not None:
+            raise BadRequestError("response_format.json_schema: only with type 'json_schema'")
+        return None
+    if fmt.type == "json_object":
+        grammar = Grammar(json_object=True)
+    elif fmt.json_schema is None or fmt.json_schema.schema is None:
+        raise BadRequestError(
+            "response_format.json_schema.schema: required with type 'json_schema'"
+        )
+    else:
+        grammar = Grammar(json_schema=json.dumps(fmt.json_schema.schema))
+    try:
+        compile_grammar(grammar)
+    except InvalidRequestError as exc:
+        raise BadRequestError(f"response_format: {exc}") from None
+    return grammar
 
 
 def _check_neutral(req: CompletionRequest | ChatRequest) -> None:

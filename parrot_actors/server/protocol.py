@@ -8,7 +8,7 @@ OpenAI-compatible API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -277,6 +277,7 @@ class _OpenAIRequest(Request, kw_only=True):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     parrot: ParrotHints | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_OpenAIRequest, kw_only=True):
@@ -305,10 +306,22 @@ class ChatMessage(Request, kw_only=True):
     name: str | None = None
 
 
-class ResponseFormat(Request, kw_only=True):
-    """`response_format`: only plain text is supported."""
+class JsonSchemaFormat(Request, kw_only=True):
+    """`response_format.json_schema`: a named JSON Schema the answer must validate against
+    (`strict` is accepted; the answer always follows the schema, by constrained decoding)."""
 
-    type: Literal["text"]
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(Request, kw_only=True):
+    """`response_format`: "text" (no constraint), "json_object" (any JSON object) or
+    "json_schema" (with `json_schema`)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatRequest(_OpenAIRequest, kw_only=True):
@@ -319,7 +332,6 @@ class ChatRequest(_OpenAIRequest, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
 
 
 class PromptTokensDetails(Response, kw_only=True):

@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Literal
 
 import jsonschema
 import openai
+import pydantic
 import pytest
 
+import parrot_actors as pa
 from parrot_actors.engines import Engine
 from parrot_actors.engines.grammar import compile_grammar
-from parrot_actors.errors import InvalidRequestError
+from parrot_actors.errors import InvalidRequestError, TemplateError
 from parrot_actors.messages import Grammar, SamplingParams
 from parrot_actors.server import BackgroundServer
 from tests.conftest import tiny_config
@@ -128,15 +131,28 @@ def test_openai_response_format_json_schema_and_json_object():
                 seed=seed,
             )
             jsonschema.validate(json.loads(chat.choices[0].message.content), SCHEMA)
+        # Streamed: the deltas join to an answer of the schema.
         stream = client.chat.completions.create(
             model="default",
-            messages=[{"role": "user", "content": "Any JSON object."}],
-            response_format={"type": "json_object"},
-            max_tokens=60,
+            messages=[{"role": "user", "content": "A person, streamed."}],
+            response_format=fmt,
+            max_tokens=120,
+            seed=5,
             stream=True,
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        assert isinstance(json.loads(text), dict)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        # Any JSON object: the random model mostly writes one endless key, so the seed is one
+        # whose answer ends (chat samples at temperature 1 by default).
+        obj = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Any JSON object."}],
+            response_format={"type": "json_object"},
+            max_tokens=200,
+            seed=1,
+        )
+        assert obj.choices[0].finish_reason == "stop"
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
         done = client.completions.create(
             model="default", prompt="JSON:", max_tokens=120, extra_body={"response_format": fmt}
         )
@@ -156,3 +172,70 @@ def test_openai_response_format_json_schema_and_json_object():
             model="default", messages=[{"role": "user", "content": "x"}], max_tokens=3
         )
         assert after.choices[0].finish_reason in ("stop", "length")
+
+
+# ---- typed Semantic Variables ----------------------------------------------------------------
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=12)
+    age: int = pydantic.Field(ge=0, le=120)
+    color: Literal["red", "green", "blue"]
+
+
+@pa.semantic_function(max_tokens=80, temperature=1.0)
+def describe(who: pa.Input, person: pa.Output(json_schema=Person, seed=3)):
+    """Describe {{who}} as JSON: {{person}}"""
+
+
+@pa.semantic_function(max_tokens=20, json_schema=SCHEMA["properties"]["address"])
+def typed(
+    topic: pa.Input,
+    address: pa.Output,
+    verdict: pa.Output(choices=["yes", "no"]),
+    code: pa.Output(regex=r"[A-Z]{2}[0-9]{2}"),
+):
+    """About {{topic}}. Address: {{address}} Verdict: {{verdict}} Code: {{code}}"""
+
+
+async def test_typed_semantic_variables_parse_and_consumers_read_the_text():
+    async with pa.Runtime(engines=[tiny_config(kv_cache_bytes=32 << 20)]):
+        await typed_app()
+
+
+async def test_typed_semantic_variables_over_the_parrot_api():
+    with BackgroundServer([tiny_config(kv_cache_bytes=32 << 20)]) as server:
+        async with pa.Runtime.connect(server.url):
+            await typed_app()
+
+
+async def typed_app() -> None:
+    """Typed outputs of three kinds, parsed, and one read by a consumer call as text."""
+    people = [describe(f"person {i}") for i in range(3)]
+    parsed = [await p.parsed() for p in people]
+    assert all(isinstance(p, Person) for p in parsed)
+    assert [p.model_dump_json() for p in parsed] == [
+        Person.model_validate_json(await p).model_dump_json() for p in people
+    ]
+    address, verdict, code = typed("London")
+    jsonschema.validate(await address.parsed(), SCHEMA["properties"]["address"])
+    assert await verdict.parsed() in ("yes", "no")
+    assert re.fullmatch(r"[A-Z]{2}[0-9]{2}", await code.parsed())
+    # A consumer reads the JSON text as any other value.
+    again = describe(address)
+    assert isinstance(await again.parsed(), Person)
+    assert again.producer.pieces[1].var is address
+
+
+def test_bad_constraints_fail_at_decoration_naming_them():
+    with pytest.raises(TemplateError, match="regex does not compile"):
+        pa.Output(regex="a(b")
+    with pytest.raises(TemplateError, match=r"\['json_schema', 'choices'\]: at most one"):
+        pa.Output(json_schema={"type": "object"}, choices=["a"])
+    with pytest.raises(TemplateError, match="choices='ab': a list of strings"):
+        pa.Output(choices="ab")
+    with pytest.raises(TemplateError, match="semantic_function f: json_schema does not compile"):
+
+        @pa.semantic_function(json_schema={"type": "nope"})
+        def f(out: pa.Output):
+            """Answer: {{out}}"""

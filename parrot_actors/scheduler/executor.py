@@ -34,7 +34,7 @@ from parrot_actors.messages import (
 from parrot_actors.scheduler.tap import TokenTap
 from parrot_actors.variables.graph import SemanticCall, get_perf_objective
 from parrot_actors.variables.lifecycle import CallState, advance
-from parrot_actors.variables.perf import LATENCY
+from parrot_actors.variables.perf import GRAMMAR_KEYS, LATENCY
 from parrot_actors.variables.variable import Variable
 
 
@@ -92,6 +92,11 @@ def sampling_of(items: tuple[tuple[str, object], ...]) -> SamplingParams:
     kw = dict(items)
     if isinstance(kw.get("stop"), str):
         kw["stop"] = (kw["stop"],)
+    constraint = {k: kw.pop(k) for k in GRAMMAR_KEYS if kw.get(k) is not None}
+    for k in GRAMMAR_KEYS:
+        kw.pop(k, None)
+    if constraint:
+        kw["grammar"] = constraint
     try:
         return msgspec.convert(kw, SamplingParams)
     except msgspec.ValidationError as exc:

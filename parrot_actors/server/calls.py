@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from parrot_actors.engines.grammar import compile_grammar
+from parrot_actors.errors import InvalidRequestError
 from parrot_actors.messages import SamplingParams
 from parrot_actors.server.errors import BadRequestError, ConflictError
 from parrot_actors.server.protocol import Arg, Sampling, SubmitCall
 from parrot_actors.server.sessions import Session
 from parrot_actors.variables.graph import Piece, SemanticCall
+from parrot_actors.variables.perf import GRAMMAR_KEYS, grammar_of
 from parrot_actors.variables.template import Slot, Text, split_template
 from parrot_actors.variables.variable import Variable
 
@@ -60,6 +63,9 @@ def sampling_items(
     for s in (defaults, own):
         if s is None:
             continue
+        if any(getattr(s, k) is not None for k in GRAMMAR_KEYS):
+            for k in GRAMMAR_KEYS:  # an output's constraint replaces the call's default one
+                kw.pop(k, None)
         for field in s.__struct_fields__:
             value = getattr(s, field)
             if value is not None:
@@ -67,7 +73,14 @@ def sampling_items(
     if "stop" in kw:
         stop = kw["stop"]
         kw["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    check_sampling(SamplingParams(**kw))
+    given = [k for k in GRAMMAR_KEYS if k in kw]
+    if len(given) > 1:
+        raise InvalidRequestError(f"sampling sets {given}: at most one of {GRAMMAR_KEYS}")
+    grammar = grammar_of(kw)
+    if grammar is not None:
+        compile_grammar(grammar)
+    plain = {k: v for k, v in kw.items() if k not in GRAMMAR_KEYS}
+    check_sampling(SamplingParams(**plain, grammar=grammar))
     return tuple(sorted(kw.items()))
 
 

@@ -85,6 +85,9 @@ class Sampling(Request, kw_only=True):
 
     max_tokens: tokens at most. temperature: 0 = greedy. top_p in (0, 1]. top_k: 0 = all.
     stop: strings that end the output. seed: per-call seed. ignore_eos: keep going past EOS.
+    At most one constraint (constrained decoding, `messages.Grammar`): json_schema (a JSON
+    Schema as JSON text), regex, choices (1 to 1024 strings); one that does not compile is a
+    400 naming it.
     """
 
     max_tokens: MaxTokens | None = None
@@ -94,6 +97,9 @@ class Sampling(Request, kw_only=True):
     stop: Stop | None = None
     seed: Seed | None = None
     ignore_eos: bool | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    choices: list[str] | None = None
 
 
 class Arg(Request, kw_only=True):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any, overload
 
 from parrot_actors.errors import TemplateError
 from parrot_actors.variables.current import current_runtime
 from parrot_actors.variables.graph import SemanticCall, build_pieces
-from parrot_actors.variables.perf import Output, sampling_keys
+from parrot_actors.variables.perf import GRAMMAR_KEYS, Output, normalize_constraint, sampling_keys
 from parrot_actors.variables.template import Template, parse_template
 from parrot_actors.variables.variable import Variable
 
@@ -36,11 +37,21 @@ class SemanticFunction:
         params = list(self.signature.parameters)
         self.template: Template = parse_template(self.name, fn.__doc__, annotations, params)
         self.defaults = dict(defaults)
+        default_type = normalize_constraint(self.defaults, f"semantic_function {self.name}")
         self.output_sampling = {
             name: dict(annotations[name].sampling)
             for name in self.template.outputs
             if isinstance(annotations.get(name), Output)
         }
+        # What `Variable.parsed` makes of each output's text: its own constraint's, else the
+        # function's default constraint's (when the output sets none of its own).
+        self._parsers: dict[str, Callable[[str], object] | None] = {}
+        for name in self.template.outputs:
+            own = annotations.get(name)
+            if isinstance(own, Output) and any(k in own.sampling for k in GRAMMAR_KEYS):
+                self._parsers[name] = parser_of(own.sampling, own.model_type)
+            else:
+                self._parsers[name] = parser_of(self.defaults, default_type)
         self.model = model
         self.chat = chat
         self._output_order = [p for p in params if p in self.template.outputs]
@@ -73,6 +84,7 @@ class SemanticFunction:
                     f"got {type(given).__name__}"
                 )
             outs[name] = given or Variable(name=f"{self.name}.{name}")
+            outs[name].parser = self._parsers.get(name)
         call = SemanticCall(
             self.name, build_pieces(self, values, outs), model=self.model, chat=self.chat
         )
@@ -85,6 +97,18 @@ class SemanticFunction:
         call, outs = self.bind(*args, **kwargs)
         runtime.submit(call)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def parser_of(
+    sampling: dict[str, object], model_type: type | None
+) -> Callable[[str], object] | None:
+    """How to parse an output's text: a pydantic model's `model_validate_json`, `json.loads`
+    for a JSON Schema output, None (the text itself) otherwise."""
+    if model_type is not None:
+        return model_type.model_validate_json  # type: ignore[attr-defined, no-any-return]
+    if sampling.get("json_schema") is not None:
+        return json.loads
+    return None
 
 
 @overload

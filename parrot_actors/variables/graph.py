@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from parrot_actors.errors import CallError
 from parrot_actors.messages import GenerateResult
 from parrot_actors.variables.lifecycle import CallState
-from parrot_actors.variables.perf import LATENCY, THROUGHPUT
+from parrot_actors.variables.perf import GRAMMAR_KEYS, LATENCY, THROUGHPUT
 from parrot_actors.variables.template import Text
 from parrot_actors.variables.variable import Variable
 
@@ -115,7 +115,11 @@ def build_pieces(
             var = value if isinstance(value, Variable) else Variable(value, name=p.name)
             pieces.append(Piece("input", var=var))
         else:
-            sampling = {**fn.defaults, **fn.output_sampling.get(p.name, {})}
+            own = fn.output_sampling.get(p.name, {})
+            defaults = fn.defaults
+            if any(k in own for k in GRAMMAR_KEYS):  # an output's constraint replaces the default
+                defaults = {k: v for k, v in defaults.items() if k not in GRAMMAR_KEYS}
+            sampling = {**defaults, **own}
             pieces.append(
                 Piece("output", var=out_vars[p.name], sampling=tuple(sorted(sampling.items())))
             )

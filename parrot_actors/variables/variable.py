@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from parrot_actors.errors import CallError, ParrotError
@@ -59,6 +59,7 @@ class Variable:
         self._done = False
         self._waiters: list[asyncio.Future[None]] = []
         self._owner: VariableOwner | None = None
+        self.parser: Callable[[str], object] | None = None
         if value is not None:
             self.set(value)
 
@@ -114,6 +115,22 @@ class Variable:
 
     def __await__(self) -> Generator[Any, None, str]:
         return self.get().__await__()
+
+    async def parsed(self, perf: str = LATENCY) -> object:
+        """The value parsed by the output's constraint: a dict (or list, number...) for
+        `json_schema=` a schema, an instance for `json_schema=` a pydantic model class, the
+        text for `regex=`, `choices=` or no constraint. Raises what `get` raises, and
+        `VariableError` naming the variable if the text does not parse (an output cut short
+        by `max_tokens`)."""
+        text = await self.get(perf)
+        if self.parser is None:
+            return text
+        try:
+            return self.parser(text)
+        except Exception as exc:
+            raise VariableError(
+                f"variable {self.name!r} does not parse ({exc}); text: {text[:200]!r}"
+            ) from None
 
     # ---- the runtime's side ------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from typing import Any
 
 import llguidance
@@ -88,15 +87,14 @@ class Grammars:
         self._hf = hf_tokenizer
         self.vocab_size = vocab_size
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self._lock = threading.Lock()
 
     def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
         """A fresh matcher at the start of `grammar`. Raises `InvalidRequestError` (see
         `compile_grammar`)."""
         compiled = compile_grammar(grammar)
-        with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
+        # Only the engine loop calls this (adding a generate), so no lock guards the build.
+        if self._tokenizer is None:
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
         matcher = llguidance.LLMatcher(self._tokenizer, compiled)
         if matcher.is_error():
             raise InvalidRequestError(f"grammar rejected: {matcher.get_error()}")

@@ -92,9 +92,8 @@ def sampling_of(items: tuple[tuple[str, object], ...]) -> SamplingParams:
     kw = dict(items)
     if isinstance(kw.get("stop"), str):
         kw["stop"] = (kw["stop"],)
-    constraint = {k: kw.pop(k) for k in GRAMMAR_KEYS if kw.get(k) is not None}
-    for k in GRAMMAR_KEYS:
-        kw.pop(k, None)
+    popped = {k: kw.pop(k, None) for k in GRAMMAR_KEYS}
+    constraint = {k: v for k, v in popped.items() if v is not None}
     if constraint:
         kw["grammar"] = constraint
     try:

@@ -89,6 +89,29 @@ async def test_unconstrained_greedy_output_is_unchanged_beside_constrained_reque
     assert beside.token_ids == alone
 
 
+async def test_a_constrained_stream_dropped_mid_answer_leaves_the_others_served(
+    tiny_engine: Engine,
+):
+    schema = Grammar(json_schema=json.dumps(SCHEMA))
+    sp = SamplingParams(max_tokens=120, temperature=1.0, seed=7, grammar=schema)
+    await tiny_engine.fill("ref", token_ids=[9, 8, 7])
+    expected = (await tiny_engine.generate("ref", sp)).text
+    await tiny_engine.free_context("ref")
+    for cid in ("drop", "keep"):
+        await tiny_engine.fill(cid, token_ids=[9, 8, 7])
+    stream = tiny_engine.generate_stream("drop", sp)
+    keep = asyncio.ensure_future(tiny_engine.generate("keep", sp))
+    async for _ in stream:
+        break  # the client goes away after one token, its matcher mid-object
+    await stream.aclose()
+    await tiny_engine.free_context("drop")
+    assert (await keep).text == expected  # same seed, same grammar: the same valid answer
+    jsonschema.validate(json.loads(expected), SCHEMA)
+    await tiny_engine.free_context("keep")
+    await tiny_engine.flush()
+    assert (tiny_engine.stats().running, tiny_engine.stats().kv_blocks_used) == (0, 0)
+
+
 @pytest.mark.parametrize(
     "grammar, match",
     [

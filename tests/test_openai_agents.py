@@ -6,6 +6,7 @@ models, error shape) hold."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
@@ -280,9 +281,24 @@ def tiny_server():
         yield srv
 
 
-def last_stats(server: BackgroundServer):
+def stats_count(server: BackgroundServer) -> int:
     async def read():
-        return server.runtime.scheduler.call_stats[-1]
+        return len(server.runtime.scheduler.call_stats)
+
+    return server.call(read)
+
+
+def stats_after(server: BackgroundServer, count: int):
+    """The stats of the call recorded after the first `count` ones: the answer may reach the
+    client before the call's stats are recorded, so this waits for them (5 s at most)."""
+
+    async def read():
+        stats = server.runtime.scheduler.call_stats
+        for _ in range(500):
+            if len(stats) > count:
+                return stats[count]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no call stats after {count} within 5 s")
 
     return server.call(read)
 
@@ -290,10 +306,11 @@ def last_stats(server: BackgroundServer):
 def test_n_choices_fork_one_prompt_fill(tiny_server):
     client = client_of(tiny_server)
     prompt = "A unique prompt for the n test: the seven seas are"
+    before = stats_count(tiny_server)
     many = client.completions.create(
         model="random", prompt=prompt, max_tokens=8, n=4, seed=1, temperature=1.0
     )
-    stats = last_stats(tiny_server)
+    stats = stats_after(tiny_server, before)
     p = many.usage.prompt_tokens
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert stats.computed_tokens == p and stats.reused_tokens == 3 * p
@@ -414,9 +431,17 @@ def agent_session(server: BackgroundServer, gap_s: float) -> tuple[list[str], li
     return answers, usages
 
 
-def session_stats(server: BackgroundServer) -> list:
+def session_stats(server: BackgroundServer, turns: int = 6) -> list:
+    """The session's call stats, once all `turns` are recorded (5 s at most: an answer may
+    reach the client before its call's stats are recorded)."""
+
     async def read():
-        return [s for s in server.runtime.scheduler.call_stats if s.program == "openai:agent"]
+        for _ in range(500):
+            got = [s for s in server.runtime.scheduler.call_stats if s.program == "openai:agent"]
+            if len(got) >= turns:
+                break
+            await asyncio.sleep(0.01)
+        return got
 
     return server.call(read)
 

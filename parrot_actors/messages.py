@@ -34,7 +34,8 @@ class Grammar(msgspec.Struct, frozen=True, kw_only=True):
     json_schema: a JSON Schema as JSON text; the output is JSON that validates against it.
     json_object: any JSON object. regex: the output matches this regular expression (Rust
     `regex` syntax, as llguidance takes it). choices: the output is exactly one of these
-    strings.
+    strings. lark: a context-free grammar in llguidance's Lark syntax
+    (github.com/guidance-ai/llguidance docs/syntax.md; tool calls use it).
 
     Raises `InvalidRequestError` from `validate()` naming the field; whether a schema or
     regex compiles is checked by the engine (`engines.grammar`), also as `InvalidRequestError`.
@@ -44,6 +45,7 @@ class Grammar(msgspec.Struct, frozen=True, kw_only=True):
     json_object: bool = False
     regex: str | None = None
     choices: tuple[str, ...] | None = None
+    lark: str | None = None
 
     def validate(self) -> Grammar:
         """Return self if exactly one constraint is set and `choices` holds 1 to
@@ -55,13 +57,14 @@ class Grammar(msgspec.Struct, frozen=True, kw_only=True):
                 ("json_object", self.json_object),
                 ("regex", self.regex is not None),
                 ("choices", self.choices is not None),
+                ("lark", self.lark is not None),
             )
             if on
         ]
         if len(given) != 1:
             raise InvalidRequestError(
                 f"grammar sets {given or 'nothing'}: set exactly one of json_schema, "
-                "json_object, regex, choices"
+                "json_object, regex, choices, lark"
             )
         if self.choices is not None and not (
             0 < len(self.choices) <= MAX_CHOICES and all(self.choices)

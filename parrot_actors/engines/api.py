@@ -10,8 +10,9 @@ chat rendering. `tests/test_engine_contract.py` checks every implementation agai
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from parrot_actors.engines.tool_format import hermes_messages, native_messages, renders_tools
 from parrot_actors.errors import InvalidRequestError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -70,9 +71,14 @@ class EngineClient(Protocol):
         """Text of `token_ids`, special tokens skipped."""
         ...
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt of a conversation (`{"role", "content"}` dicts) ready for the assistant's
-        reply. Raises `InvalidRequestError` when the model's chat template refuses it."""
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt of a conversation (`{"role", "content"}` dicts; an assistant's may carry
+        OpenAI `tool_calls`, a "tool" message is a call's result) ready for the assistant's
+        reply, with `tools` (OpenAI function tools) offered to the model (see
+        `render_messages`). Raises `InvalidRequestError` when the model's chat template
+        refuses it."""
         ...
 
     def chat_prompt(self, text: str) -> str:
@@ -151,24 +157,40 @@ class TokenizerMethods:
         """Text of `token_ids`, special tokens skipped."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         """The conversation in the model's chat template, ready for the reply (see
         `render_messages`). Raises `InvalidRequestError` when the template refuses it."""
-        return render_messages(self.tokenizer, messages)
+        return render_messages(self.tokenizer, messages, tools)
 
     def chat_prompt(self, text: str) -> str:
         """`text` as one user message in the model's chat template, ready for the reply."""
         return self.render_chat([{"role": "user", "content": text}])
 
 
-def render_messages(tokenizer: Tokenizer | None, messages: list[dict[str, str]]) -> str:
+def render_messages(
+    tokenizer: Tokenizer | None,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     """A conversation as a prompt: the tokenizer's chat template with the generation prompt,
     or, for a model (or fake engine) without one, `<role>content</role>` frames ending in
-    `<assistant>`. Raises `InvalidRequestError` when the template refuses the conversation."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    `<assistant>`. Tools and tool turns go to a template that renders them in the Hermes
+    format itself; for any other they are first written into plain turns
+    (`tool_format.hermes_messages`). Raises `InvalidRequestError` when the template refuses
+    the conversation."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if template and renders_tools(template):
+        kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+        messages = native_messages(messages)
+    else:
+        kwargs = {}
+        messages = list(hermes_messages(messages, tools))
+    if tokenizer is not None and template:
         try:
             return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=True, **kwargs
             )
         except Exception as exc:  # jinja raises its own errors for odd conversations
             raise InvalidRequestError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from parrot_actors.engines.api import EngineClient, render_messages
 from parrot_actors.errors import ContextNotFoundError, InvalidRequestError
@@ -59,9 +60,12 @@ class EchoEngine:
         """Tokens are characters."""
         return "".join(chr(t) for t in token_ids)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """`<role>content</role>` frames ending in `<assistant>` (it has no chat template)."""
-        return render_messages(None, messages)
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """`<role>content</role>` frames ending in `<assistant>` (it has no chat template);
+        tools and tool turns in the Hermes format (`tool_format.hermes_messages`)."""
+        return render_messages(None, messages, tools)
 
     def chat_prompt(self, text: str) -> str:
         """`text` wrapped in a minimal chat frame."""
@@ -168,6 +172,12 @@ class EchoEngine:
         self, context_id: str, sampling: SamplingParams | None, parent_context_id: str | None
     ) -> GenerateResult:
         sampling = (sampling or SamplingParams()).validate()
+        if sampling.grammar is not None:
+            # Echoing would break the constraint; answering anyway would hide that.
+            raise InvalidRequestError(
+                "grammar: the echo engine has no model to constrain (serve a model for "
+                "structured output and tool calls)"
+            )
         if parent_context_id is not None:
             if parent_context_id not in self.contexts:
                 raise ContextNotFoundError(f"context {parent_context_id!r} does not exist")

@@ -550,6 +550,10 @@ class Engine(TokenizerMethods):
         on_token: Callable[[TokenDelta], None] | None,
     ) -> GenerateResult:
         after = [parent_context_id] if parent_context_id else []
+        if sampling.grammar is not None:
+            # A first grammar (and the first of all: llguidance's view of the vocabulary,
+            # ~0.4 s) is built here, so the loop never stalls every request for it.
+            await asyncio.to_thread(self._core.grammars.prepare, sampling.grammar)
 
         def admit(core: EngineCore, on_finish: FinishCallback) -> Request:
             self._check_alive(context_id, parent_context_id)

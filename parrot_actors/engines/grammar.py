@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from typing import Any
 
 import llguidance
@@ -39,10 +40,12 @@ def _compact(schema: dict[str, Any] | bool) -> dict[str, Any] | bool:
 def compile_grammar(grammar: Grammar) -> str:
     """llguidance's grammar text for `grammar`, checked (cached per grammar: a schema used by
     many requests is compiled once). Raises `InvalidRequestError` naming the field and the
-    library's message for a schema that is not JSON or not JSON Schema, a regex that does not
-    compile, or empty choices."""
+    library's message for a schema that is not JSON or not JSON Schema, a regex or Lark
+    grammar that does not compile, or empty choices."""
     grammar.validate()
-    text = grammar.json_schema if grammar.json_schema is not None else grammar.regex
+    text = next(
+        (t for t in (grammar.json_schema, grammar.regex, grammar.lark) if t is not None), None
+    )
     if text is not None and len(text) > MAX_GRAMMAR_CHARS:
         raise InvalidRequestError(f"grammar of {len(text)} characters: at most {MAX_GRAMMAR_CHARS}")
     field = "json_schema"
@@ -63,6 +66,9 @@ def compile_grammar(grammar: Grammar) -> str:
     elif grammar.regex is not None:
         field = "regex"
         compiled = llguidance.LLMatcher.grammar_from_regex(grammar.regex)
+    elif grammar.lark is not None:
+        field = "lark"
+        compiled = llguidance.LLMatcher.grammar_from_lark(grammar.lark)
     else:
         field = "choices"
         assert grammar.choices is not None, "validate() leaves exactly one field set"
@@ -87,15 +93,27 @@ class Grammars:
         self._hf = hf_tokenizer
         self.vocab_size = vocab_size
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def prepare(self, grammar: Grammar) -> None:
+        """Do the slow parts of a first use ahead, off the engine loop (the engine calls this
+        in a worker thread before adding a constrained generate): build the vocabulary's
+        llguidance view and compile `grammar`. Raises `InvalidRequestError` (see
+        `compile_grammar`)."""
+        self._vocabulary()
+        compile_grammar(grammar)
+
+    def _vocabulary(self) -> llguidance.LLTokenizer:
+        with self._lock:  # `prepare` threads and the loop may race to build it once
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
+            return self._tokenizer
 
     def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
         """A fresh matcher at the start of `grammar`. Raises `InvalidRequestError` (see
         `compile_grammar`)."""
         compiled = compile_grammar(grammar)
-        # Only the engine loop calls this (adding a generate), so no lock guards the build.
-        if self._tokenizer is None:
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
-        matcher = llguidance.LLMatcher(self._tokenizer, compiled)
+        matcher = llguidance.LLMatcher(self._vocabulary(), compiled)
         if matcher.is_error():
             raise InvalidRequestError(f"grammar rejected: {matcher.get_error()}")
         return matcher

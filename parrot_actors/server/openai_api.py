@@ -11,6 +11,14 @@ request an objective and a session: the session's requests are one program, sche
 attained service, and each turn's context is kept for `retain_s` seconds so the next turn
 forks it and computes only its new tokens. Without hints a request is a one-call latency app.
 
+Tools (`tools`, `tool_choice`, `parallel_tool_calls`; "tool" messages and assistants'
+`tool_calls` in the history) are written into the prompt in the Hermes format, by the chat
+template when it does that itself (`engines.tool_format`); "required" and a named tool
+constrain the whole output to valid calls, "auto" constrains each call from its opening
+`<tool_call>` on. Answers carry `tool_calls` (ids `call_...`, arguments as JSON text) and
+finish reason "tool_calls", whole and streamed in OpenAI's delta shapes. `tool_choice: "none"`
+leaves the tools out of the prompt.
+
 `n` samples the choices from one fill of the prompt (seeds `seed + i`). `logprobs` are the
 log-softmax of the model's logits divided by the temperature (of the raw logits when greedy),
 before top-k and top-p. Usage counts are exact: prompt tokens are the tokenizer's length of the
@@ -30,6 +38,7 @@ from aiohttp import web
 
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.engines.grammar import compile_grammar
+from parrot_actors.engines.tool_format import tool_grammar
 from parrot_actors.errors import CallError, InvalidRequestError, ParrotError
 from parrot_actors.messages import Grammar, SamplingParams, TokenDelta
 from parrot_actors.runtime import Runtime
@@ -168,12 +177,18 @@ class OpenAIAPI:
             raise BadRequestError("top_logprobs: needs logprobs: true")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
+        tools, choice = _tools(req)
         sampling = _sampling(req, max_tokens, logprobs)
+        if choice != "none":
+            sampling = msgspec.structs.replace(
+                sampling, grammar=_tool_grammar(tools, choice, req.parallel_tool_calls)
+            )
         engine = self.router.pick(req.model)
         messages = chat_messages(req.messages)
-        prompt = engine.render_chat(messages)
-        head = _system_head(engine, messages, prompt)
-        fmt = ChatFormat(req.model, logprobs, _token_text(engine))
+        offered = tools if choice != "none" else None
+        prompt = engine.render_chat(messages, offered)
+        head = _system_head(engine, messages, prompt, offered)
+        fmt = ChatFormat(req.model, logprobs, _token_text(engine), tools=choice != "none")
         call, var = self._call(engine, (head, prompt[len(head) :]), None, sampling, request, req)
         return await self._answer(request, req, call, var, fmt)
 
@@ -271,11 +286,11 @@ class OpenAIAPI:
                 await resp.write(_event(chunk))
             while item is not None:
                 delta, index = item
-                piece = fmt.piece(delta, index)
-                if piece is not None:
-                    await resp.write(_event(piece))
+                for chunk in fmt.piece(delta, index):
+                    await resp.write(_event(chunk))
                 if delta.finish_reason is not None:
-                    await resp.write(_event(fmt.closing(delta.finish_reason, index)))
+                    for chunk in fmt.closing(delta.finish_reason, index):
+                        await resp.write(_event(chunk))
                 item = await queue.get()
             error = getter.exception()
             if error is not None:  # after the 200: the error travels as an event
@@ -329,12 +344,22 @@ def _token_text(engine: EngineClient) -> Any:
     return lambda token: engine.detokenize([token])
 
 
-def _system_head(engine: EngineClient, messages: list[dict[str, str]], prompt: str) -> str:
-    """The rendered system message that starts `prompt` (shared by every request with the same
-    system message, so prefix sharing may fork it), or "" without one."""
-    if not messages or messages[0]["role"] != "system" or len(messages) == 1:
+def _system_head(
+    engine: EngineClient,
+    messages: list[dict[str, Any]],
+    prompt: str,
+    tools: list[dict[str, Any]] | None,
+) -> str:
+    """The rendered system message (with the tools offered) that starts `prompt`, shared by
+    every request with the same system message and tools, so prefix sharing may fork it; ""
+    without one."""
+    lead = messages[:1] if messages and messages[0]["role"] == "system" else []
+    if len(lead) == len(messages) or not (lead or tools):
         return ""
-    alone = engine.render_chat(messages[:1])
+    try:
+        alone = engine.render_chat(lead, tools)
+    except InvalidRequestError:  # a template that refuses a conversation without a user turn
+        return ""
     n = 0
     while n < min(len(alone), len(prompt)) and alone[n] == prompt[n]:
         n += 1
@@ -379,6 +404,72 @@ def _grammar(fmt: ResponseFormat | None) -> Grammar | None:
         compile_grammar(grammar)
     except InvalidRequestError as exc:
         raise BadRequestError(f"response_format: {exc}") from None
+    return grammar
+
+
+def _tools(req: ChatRequest) -> tuple[list[dict[str, Any]], str]:
+    """The request's tools (OpenAI dicts) and its tool choice: "none", "auto", "required" or
+    the name of the tool it must call ("auto" by default with tools, "none" without).
+    Raises `BadRequestError` naming the field: a tool choice without tools, a named tool
+    that is not offered, two tools of one name, a parameters schema that does not compile,
+    or `response_format` beside a tool choice other than "none"."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise BadRequestError("tool_choice: needs tools (none were given)")
+        return [], "none"
+    names = [t.function.name for t in req.tools]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise BadRequestError(f"tools[{i}].function.name={name!r}: two tools of that name")
+    for i, tool in enumerate(req.tools):
+        params = tool.function.parameters
+        if params is None:
+            continue
+        if params.get("type", "object") != "object":
+            raise BadRequestError(
+                f"tools[{i}].function.parameters: the type must be 'object', not "
+                f"{params.get('type')!r}"
+            )
+        try:
+            compile_grammar(Grammar(json_schema=json.dumps(params)))
+        except InvalidRequestError as exc:
+            raise BadRequestError(f"tools[{i}].function.parameters: {exc}") from None
+    if choice is None:
+        chosen = "auto"
+    elif isinstance(choice, str):
+        chosen = choice
+    else:
+        chosen = choice.function.name
+        if chosen not in names:
+            raise BadRequestError(
+                f"tool_choice.function.name={chosen!r}: not among the tools {names}"
+            )
+    fmt = req.response_format
+    if chosen != "none" and fmt is not None and fmt.type != "text":
+        raise BadRequestError(
+            f"response_format={fmt.type!r}: not with tools unless tool_choice is 'none'"
+        )
+    offered = [
+        {"type": "function", "function": _set_fields(msgspec.to_builtins(t.function))}
+        for t in req.tools
+    ]
+    return offered, chosen
+
+
+def _set_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without its unset (None) fields: they would only lengthen the prompt."""
+    return {k: v for k, v in obj.items() if v is not None}
+
+
+def _tool_grammar(tools: list[dict[str, Any]], choice: str, parallel: bool | None) -> Grammar:
+    """The compiled constraint of a tool choice (see `tool_format.tool_grammar`)."""
+    grammar = tool_grammar(tools, choice, parallel=parallel is not False)
+    assert grammar is not None, "only 'none' has no grammar"
+    try:
+        compile_grammar(grammar)
+    except InvalidRequestError as exc:
+        raise BadRequestError(f"tools: {exc}") from None
     return grammar
 
 

@@ -1,12 +1,23 @@
 """OpenAI response shapes: whole completions and streamed chunks, text and chat, with `n`
-choices and `logprobs`, and the chat messages handed to the engine's chat template."""
+choices, `logprobs` and tool calls, and the chat messages handed to the engine's chat
+template."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import msgspec
+
+from parrot_actors.engines.tool_format import (
+    CallStart,
+    ContentPiece,
+    Event,
+    ToolCallParser,
+    parse_tool_calls,
+)
 from parrot_actors.messages import GenerateResult, TokenDelta
 from parrot_actors.server.protocol import (
     AssistantMessage,
@@ -20,7 +31,11 @@ from parrot_actors.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     Delta,
+    FunctionCall,
+    FunctionDelta,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -88,8 +103,8 @@ class TextFormat:
         """Chunks before the first token (none for text)."""
         return []
 
-    def piece(self, delta: TokenDelta, index: int) -> Completion | None:
-        """The chunk of one streamed token of choice `index` (None when it adds nothing)."""
+    def piece(self, delta: TokenDelta, index: int) -> list[Completion]:
+        """The chunks of one streamed token of choice `index` (none when it adds nothing)."""
         offset = self._offsets.get(index, 0)
         lps = None
         if delta.logprob is not None:
@@ -97,14 +112,14 @@ class TextFormat:
             lps = self._logprobs([delta.token_id], [delta.logprob], tops, offset)
         self._offsets[index] = offset + len(delta.text)
         if not delta.text and lps is None:
-            return None
+            return []
         choice = CompletionChoice(index=index, text=delta.text, logprobs=lps)
-        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return [Completion(id=self.id, created=self.created, model=self.model, choices=[choice])]
 
-    def closing(self, finish: str, index: int) -> Completion:
+    def closing(self, finish: str, index: int) -> list[Completion]:
         """The chunk carrying choice `index`'s finish reason."""
         choice = CompletionChoice(index=index, text="", finish_reason=finish)
-        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return [Completion(id=self.id, created=self.created, model=self.model, choices=[choice])]
 
     def usage(self, usage: Usage) -> Completion:
         """The usage chunk (`stream_options.include_usage`): no choices."""
@@ -115,14 +130,20 @@ class TextFormat:
 
 class ChatFormat:
     """Shapes of /v1/chat/completions. logprobs: the `top_logprobs` count when the request
-    asked for `logprobs` (None: none); text: a token id's text."""
+    asked for `logprobs` (None: none); text: a token id's text; tools: whether outputs hold
+    tool calls in the Hermes format (`engines.tool_format`), to be answered as `tool_calls`
+    (with finish reason "tool_calls" when the model stopped after calling)."""
 
-    def __init__(self, model: str, logprobs: int | None, text: TokenText) -> None:
+    def __init__(
+        self, model: str, logprobs: int | None, text: TokenText, tools: bool = False
+    ) -> None:
         self.model = model
         self.logprobs = logprobs
         self.text = text
+        self.tools = tools
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
+        self._parsers: dict[int, ToolCallParser] = {}
 
     def _token(
         self, token: int, lp: float, top: Sequence[tuple[int, float]] | None
@@ -155,17 +176,29 @@ class ChatFormat:
             id=self.id, created=self.created, model=self.model, choices=[choice]
         )
 
+    def _message(self, r: GenerateResult) -> tuple[AssistantMessage, str | None]:
+        if not self.tools:
+            return AssistantMessage(content=r.text), r.finish_reason
+        parsed = parse_tool_calls(r.text)
+        calls = [
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in parsed.calls
+        ]
+        message = AssistantMessage(content=parsed.content or None, tool_calls=calls or None)
+        if not calls:
+            message.content = parsed.content
+        return message, _finish(r.finish_reason, bool(calls))
+
     def whole(self, results: list[GenerateResult], usage: Usage) -> ChatCompletion:
         """The non-streamed answer: one choice per result."""
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=r.text),
-                finish_reason=r.finish_reason,
-                logprobs=self._logprobs(r),
+        choices = []
+        for i, r in enumerate(results):
+            message, finish = self._message(r)
+            choices.append(
+                ChatChoice(
+                    index=i, message=message, finish_reason=finish, logprobs=self._logprobs(r)
+                )
             )
-            for i, r in enumerate(results)
-        ]
         return ChatCompletion(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
         )
@@ -174,26 +207,61 @@ class ChatFormat:
         """The first chunk of each choice: the assistant role, no content yet."""
         return [self._chunk(Delta(role="assistant", content=""), i) for i in range(n)]
 
-    def piece(self, delta: TokenDelta, index: int) -> ChatCompletionChunk | None:
-        """The chunk of one streamed token of choice `index` (None when it adds nothing)."""
+    def piece(self, delta: TokenDelta, index: int) -> list[ChatCompletionChunk]:
+        """The chunks of one streamed token of choice `index` (none when it adds nothing;
+        with tools, one per content piece or tool-call piece it completes)."""
         lps = None
         if self.logprobs is not None and delta.logprob is not None:
             lps = ChatLogprobs(
                 content=[self._token(delta.token_id, delta.logprob, delta.top_logprobs)]
             )
+        if self.tools:
+            parser = self._parsers.setdefault(index, ToolCallParser())
+            chunks = self._events(parser.feed(delta.text), index)
+            if lps is not None:
+                if chunks:
+                    chunks[0].choices[0].logprobs = lps
+                else:
+                    chunks = [self._chunk(Delta(), index, lps=lps)]
+            return chunks
         if not delta.text and lps is None:
-            return None
-        return self._chunk(Delta(content=delta.text), index, lps=lps)
+            return []
+        return [self._chunk(Delta(content=delta.text), index, lps=lps)]
 
-    def closing(self, finish: str, index: int) -> ChatCompletionChunk:
-        """The chunk carrying choice `index`'s finish reason."""
-        return self._chunk(Delta(), index, finish)
+    def _events(self, events: list[Event], index: int) -> list[ChatCompletionChunk]:
+        chunks = []
+        for event in events:
+            if isinstance(event, ContentPiece):
+                delta = Delta(content=event.text)
+            elif isinstance(event, CallStart):
+                fn = FunctionDelta(name=event.name, arguments="")
+                call = ToolCallDelta(index=event.index, id=event.id, type="function", function=fn)
+                delta = Delta(tool_calls=[call])
+            else:
+                fn = FunctionDelta(arguments=event.text)
+                delta = Delta(tool_calls=[ToolCallDelta(index=event.index, function=fn)])
+            chunks.append(self._chunk(delta, index))
+        return chunks
+
+    def closing(self, finish: str, index: int) -> list[ChatCompletionChunk]:
+        """The chunks that end choice `index`: what its tool-call parser held back, then
+        the finish reason ("tool_calls" when it stopped after calling)."""
+        parser = self._parsers.pop(index, None)
+        if parser is None:
+            return [self._chunk(Delta(), index, _finish(finish, False))]
+        chunks = self._events(parser.finish(), index)
+        return [*chunks, self._chunk(Delta(), index, _finish(finish, bool(parser.calls)))]
 
     def usage(self, usage: Usage) -> ChatCompletionChunk:
         """The usage chunk (`stream_options.include_usage`): no choices."""
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=[], usage=usage
         )
+
+
+def _finish(reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish reason: "tool_calls" for an output that stopped after calling."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def message_text(msg: ChatMessage) -> str:
@@ -205,10 +273,19 @@ def message_text(msg: ChatMessage) -> str:
     return "".join(part.text for part in msg.content)
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """OpenAI chat messages as `{"role", "content"}` dicts for `EngineClient.render_chat`
-    (a "developer" message is the system's)."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
-        for m in messages
-    ]
+    (a "developer" message is the system's), with an assistant's `tool_calls` and a tool
+    message's `tool_call_id` as OpenAI dicts."""
+    out = []
+    for m in messages:
+        msg: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": message_text(m),
+        }
+        if m.tool_calls:
+            msg["tool_calls"] = [msgspec.to_builtins(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out

@@ -304,12 +304,67 @@ class ContentPart(Request, kw_only=True):
     text: str
 
 
-class ChatMessage(Request, kw_only=True):
-    """One chat message."""
+ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+"""A function tool's name: 1-64 letters, digits, `_` and `-` (OpenAI's rule)."""
+MAX_TOOLS = 128
+"""`tools` at most (OpenAI's limit)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+
+class FunctionCall(Request, kw_only=True):
+    """A call of a function tool: its name and its arguments as JSON text (OpenAI's shape)."""
+
+    name: ToolName
+    arguments: str
+
+
+class ToolCall(Request, kw_only=True):
+    """One tool call of an assistant message (in the history, or in an answer)."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Request, kw_only=True):
+    """One chat message. An assistant message may carry the `tool_calls` it made; a "tool"
+    message is the result of the call named by `tool_call_id`."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+class FunctionDefinition(Request, kw_only=True):
+    """A function tool: `parameters` is the JSON Schema of its arguments (an object; absent:
+    no arguments). `strict` is accepted: calls always follow the schema (constrained)."""
+
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Request, kw_only=True):
+    """One entry of `tools` (function tools only)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Request, kw_only=True):
+    """The function of a named `tool_choice`."""
+
+    name: ToolName
+
+
+class NamedToolChoice(Request, kw_only=True):
+    """`tool_choice` naming the one function the answer must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(Request, kw_only=True):
@@ -338,6 +393,9 @@ class ChatRequest(_OpenAIRequest, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class PromptTokensDetails(Response, kw_only=True):
@@ -389,10 +447,12 @@ class Completion(Response, kw_only=True):
 
 
 class AssistantMessage(Response, kw_only=True):
-    """The generated chat message."""
+    """The generated chat message: its text (None when it only calls tools) and the tool
+    calls parsed from it (None without)."""
 
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(Response, kw_only=True):
@@ -438,11 +498,29 @@ class ChatCompletion(Response, kw_only=True):
     usage: Usage
 
 
+class FunctionDelta(Response, kw_only=True, omit_defaults=True):
+    """What a streamed chunk adds to a tool call's function: its name (first chunk of the
+    call) and a piece of its arguments' JSON text."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Response, kw_only=True, omit_defaults=True):
+    """A streamed piece of tool call `index`: the first carries its id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionDelta | None = None
+
+
 class Delta(Response, kw_only=True, omit_defaults=True):
-    """What a streamed chat chunk adds: the role (first chunk) and/or content."""
+    """What a streamed chat chunk adds: the role (first chunk), content, or tool calls."""
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Response, kw_only=True):

@@ -16,6 +16,7 @@ from parrot_actors.engines.tool_format import (
     ArgumentsPiece,
     CallStart,
     ContentPiece,
+    Named,
     ToolCallParser,
     closed,
     hermes_messages,
@@ -131,13 +132,19 @@ def test_closed_schemas_and_grammars_of_each_choice():
         "additionalProperties": True,
     }
     assert tool_grammar(TOOLS, "none") is None
-    for choice in ("auto", "required", "add"):
+    tools = [*TOOLS, {"type": "function", "function": {"name": "auto", "parameters": ADD}}]
+    for choice in ("auto", "required", Named("add"), Named("auto")):
         for parallel in (True, False):
-            grammar = tool_grammar(TOOLS, choice, parallel)
+            grammar = tool_grammar(tools, choice, parallel)
             assert grammar is not None and compile_grammar(grammar)
-    assert "get_weather" not in (tool_grammar(TOOLS, "add").lark or "")
+    # A tool named like a mode is still the named tool: one call, no free text.
+    named_auto = tool_grammar(tools, Named("auto")).lark or ""
+    assert "TEXT" not in named_auto and "get_weather" not in named_auto
+    assert "get_weather" not in (tool_grammar(TOOLS, Named("add")).lark or "")
     with pytest.raises(KeyError):
-        tool_grammar(TOOLS, "nope")
+        tool_grammar(TOOLS, Named("nope"))
+    with pytest.raises(ValueError):
+        tool_grammar(TOOLS, "add")
 
 
 # ---- through the OpenAI API on the tiny model ----------------------------------------------

@@ -156,21 +156,34 @@ def _call_schema(fn: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Named:
+    """A `tool_choice` naming the one tool the answer must call."""
+
+    name: str
+
+
+ToolChoice = str | Named
+"""`"none"`, `"auto"`, `"required"`, or `Named(tool)`."""
+
+
 def tool_grammar(
-    tools: Sequence[dict[str, Any]], choice: str, parallel: bool = True
+    tools: Sequence[dict[str, Any]], choice: ToolChoice, parallel: bool = True
 ) -> Grammar | None:
     """The constraint for `tool_choice` = `choice` over `tools` (OpenAI function tools):
     "none" -> None; "auto" -> free text in which every `<tool_call>` block is a valid call;
     "required" -> one call (or several, one per line, when `parallel`) and nothing else;
-    any other value is a tool's name -> exactly one call of that tool. Raises `KeyError` for
-    a name no tool has."""
+    `Named(tool)` -> exactly one call of that tool. Raises `KeyError` for a name no tool has
+    and `ValueError` for any other choice."""
     if choice == "none":
         return None
     fns = [t["function"] for t in tools]
-    if choice not in ("auto", "required"):
-        fns = [f for f in fns if f["name"] == choice][:1]
+    if isinstance(choice, Named):
+        fns = [f for f in fns if f["name"] == choice.name][:1]
         if not fns:
-            raise KeyError(choice)
+            raise KeyError(choice.name)
+    elif choice not in ("auto", "required"):
+        raise ValueError(f"tool choice {choice!r}: none, auto, required or Named(tool)")
     bodies = [f"fn_{i}: %json {json.dumps(_call_schema(f))}" for i, f in enumerate(fns)]
     body = "body: " + " | ".join(f"fn_{i}" for i in range(len(fns)))
     if choice == "auto":
@@ -182,7 +195,7 @@ def tool_grammar(
             f'call: head "\\n" body "\\n{CLOSE}"',
         ]
     else:
-        many = parallel and choice == "required"
+        many = parallel and not isinstance(choice, Named)
         rules = [
             'start: call ("\\n" call)*' if many else "start: call",
             f'call: "{OPEN}\\n" body "\\n{CLOSE}"',

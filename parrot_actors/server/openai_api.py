@@ -38,7 +38,7 @@ from aiohttp import web
 
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.engines.grammar import compile_grammar
-from parrot_actors.engines.tool_format import tool_grammar
+from parrot_actors.engines.tool_format import Named, ToolChoice, tool_grammar
 from parrot_actors.errors import CallError, InvalidRequestError, ParrotError
 from parrot_actors.messages import Grammar, SamplingParams, TokenDelta
 from parrot_actors.runtime import Runtime
@@ -56,6 +56,7 @@ from parrot_actors.server.protocol import (
     HintSessionStats,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     ParrotHints,
     PromptTokensDetails,
     ResponseFormat,
@@ -407,9 +408,9 @@ def _grammar(fmt: ResponseFormat | None) -> Grammar | None:
     return grammar
 
 
-def _tools(req: ChatRequest) -> tuple[list[dict[str, Any]], str]:
+def _tools(req: ChatRequest) -> tuple[list[dict[str, Any]], ToolChoice]:
     """The request's tools (OpenAI dicts) and its tool choice: "none", "auto", "required" or
-    the name of the tool it must call ("auto" by default with tools, "none" without).
+    `Named(tool)` ("auto" by default with tools, "none" without).
     Raises `BadRequestError` naming the field: a tool choice without tools, a named tool
     that is not offered, two tools of one name, a parameters schema that does not compile,
     or `response_format` beside a tool choice other than "none"."""
@@ -435,15 +436,12 @@ def _tools(req: ChatRequest) -> tuple[list[dict[str, Any]], str]:
             compile_grammar(Grammar(json_schema=json.dumps(params)))
         except InvalidRequestError as exc:
             raise BadRequestError(f"tools[{i}].function.parameters: {exc}") from None
-    if choice is None:
-        chosen = "auto"
-    elif isinstance(choice, str):
-        chosen = choice
-    else:
-        chosen = choice.function.name
-        if chosen not in names:
+    chosen: ToolChoice = "auto" if choice is None else choice if isinstance(choice, str) else ""
+    if isinstance(choice, NamedToolChoice):
+        chosen = Named(choice.function.name)
+        if chosen.name not in names:
             raise BadRequestError(
-                f"tool_choice.function.name={chosen!r}: not among the tools {names}"
+                f"tool_choice.function.name={chosen.name!r}: not among the tools {names}"
             )
     fmt = req.response_format
     if chosen != "none" and fmt is not None and fmt.type != "text":
@@ -462,7 +460,9 @@ def _set_fields(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if v is not None}
 
 
-def _tool_grammar(tools: list[dict[str, Any]], choice: str, parallel: bool | None) -> Grammar:
+def _tool_grammar(
+    tools: list[dict[str, Any]], choice: ToolChoice, parallel: bool | None
+) -> Grammar:
     """The compiled constraint of a tool choice (see `tool_format.tool_grammar`)."""
     grammar = tool_grammar(tools, choice, parallel=parallel is not False)
     assert grammar is not None, "only 'none' has no grammar"

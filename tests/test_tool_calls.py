@@ -121,6 +121,32 @@ def test_hermes_rendering_of_tools_calls_and_results():
     assert render_messages(None, history[1:2], None) == "<user>Weather?</user><assistant>"
 
 
+def test_a_template_that_renders_tools_gets_them_and_the_calls_as_objects():
+    from parrot_actors.engines.model_loader import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    tokenizer.chat_template = (
+        "{% for t in tools %}{{ t.function.name }};{% endfor %}"
+        "{% for m in messages %}[{{ m.role }}:{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.arguments | tojson }}"
+        "</tool_call>{% endfor %}]{% endfor %}"
+    )
+    history = [
+        {"role": "user", "content": "Sum?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "add", "arguments": '{"a":1}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c", "content": "1"},
+    ]
+    assert render_messages(tokenizer, history, TOOLS) == (
+        'get_weather;add;[user:Sum?][assistant:<tool_call>{"a": 1}</tool_call>][tool:1]'
+    )
+
+
 def test_closed_schemas_and_grammars_of_each_choice():
     assert closed({"type": "object", "properties": {"x": {"type": "array", "items": ADD}}}) == {
         "type": "object",

@@ -29,8 +29,11 @@ prompt as the engine holds it, completion tokens those of every choice, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -49,7 +52,9 @@ from parrot_actors.server.http import SSE_HEADERS, json_response, read_body, sse
 from parrot_actors.server.metrics import Metrics
 from parrot_actors.server.openai_format import ChatFormat, TextFormat, chat_messages
 from parrot_actors.server.protocol import (
+    ChatCompletion,
     ChatRequest,
+    Completion,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -164,15 +169,25 @@ class OpenAIAPI:
         prompt = completion_prompt(req.prompt)
         sampling = _sampling(req, req.max_tokens or DEFAULT_COMPLETION_TOKENS, req.logprobs)
         fmt = TextFormat(req.model, req.logprobs, _token_text(engine))
+        hints = self._hints(request.headers.get(SESSION_HEADER), req.parrot)
         if isinstance(prompt, str):
-            call, var = self._call(engine, ("", prompt), None, sampling, request, req)
+            call, var = self._call(engine, ("", prompt), None, sampling, hints, req)
         else:
-            call, var = self._call(engine, ("", ""), tuple(prompt), sampling, request, req)
-        return await self._answer(request, req, call, var, fmt)
+            call, var = self._call(engine, ("", ""), tuple(prompt), sampling, hints, req)
+        return await self._respond(request, Prepared(req, call, var, fmt))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
         req = await read_body(request, ChatRequest, self.config.max_body_bytes)
+        prepared = self.prepare_chat(req, request.headers.get(SESSION_HEADER))
+        return await self._respond(request, prepared)
+
+    def prepare_chat(self, req: ChatRequest, session_header: str | None = None) -> Prepared:
+        """A chat completion request as a call, not yet submitted: what the HTTP handler and
+        in-process clients (`integrations.langchain.ChatParrot` over an embedded runtime)
+        share. session_header: the `X-Parrot-Session` header, if any. Raises
+        `BadRequestError` / `InvalidRequestError` (400) for values the service refuses and
+        `NotFoundError` (404) for a model it does not serve."""
         _check_neutral(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise BadRequestError("top_logprobs: needs logprobs: true")
@@ -190,8 +205,9 @@ class OpenAIAPI:
         prompt = engine.render_chat(messages, offered)
         head = _system_head(engine, messages, prompt, offered)
         fmt = ChatFormat(req.model, logprobs, _token_text(engine), tools=choice != "none")
-        call, var = self._call(engine, (head, prompt[len(head) :]), None, sampling, request, req)
-        return await self._answer(request, req, call, var, fmt)
+        hints = self._hints(session_header, req.parrot)
+        call, var = self._call(engine, (head, prompt[len(head) :]), None, sampling, hints, req)
+        return Prepared(req, call, var, fmt)
 
     def _call(
         self,
@@ -199,13 +215,12 @@ class OpenAIAPI:
         text: tuple[str, str],
         prompt_ids: tuple[int, ...] | None,
         sampling: SamplingParams,
-        request: web.Request,
+        hints: ParrotHints,
         req: CompletionRequest | ChatRequest,
     ) -> tuple[SemanticCall, Variable]:
         """The request as a call with one output: its prompt is `text[0] + text[1]` (or
         `prompt_ids`), where `text[0]` is a shared lead (a chat's system message) that prefix
         sharing may fork, and the rest is this request's own."""
-        hints = self._hints(request, req.parrot)
         var = Variable(name="choice")
         items = tuple(sorted(msgspec.structs.asdict(sampling).items()))
         pieces = [Piece("text", text=text[0]), Piece("text", text=text[1])]
@@ -224,27 +239,35 @@ class OpenAIAPI:
         call.objective = hints.objective or LATENCY
         return call, var
 
-    def _hints(self, request: web.Request, hints: ParrotHints | None) -> ParrotHints:
+    def _hints(self, header: str | None, hints: ParrotHints | None) -> ParrotHints:
         hints = hints or ParrotHints()
-        header = request.headers.get(SESSION_HEADER)
         if hints.session is None and header is not None:
             if not 0 < len(header) <= 256 or not header.isprintable():
                 raise BadRequestError(f"{SESSION_HEADER}: must be 1 to 256 printable characters")
             hints = msgspec.structs.replace(hints, session=header)
         return hints
 
-    async def _answer(
-        self,
-        request: web.Request,
-        req: CompletionRequest | ChatRequest,
-        call: SemanticCall,
-        var: Variable,
-        fmt: Format,
-    ) -> web.StreamResponse:
+    async def _respond(self, request: web.Request, prepared: Prepared) -> web.StreamResponse:
+        """The HTTP answer: one JSON body, or server-sent events when streamed (an error
+        before the first token is a plain error answer; after it, an error event)."""
+        if not prepared.req.stream:
+            return json_response(await self.complete(prepared))
+        async with contextlib.aclosing(self.chunks(prepared)) as chunks:
+            first = await anext(chunks)  # raises the call's error before anything is sent
+            resp = web.StreamResponse(headers=SSE_HEADERS)
+            await resp.prepare(request)
+            await resp.write(_event(first))
+            async for chunk in chunks:
+                await resp.write(_event(chunk))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+
+    async def complete(self, prepared: Prepared) -> Completion | ChatCompletion:
+        """Submit a prepared request and wait for its whole answer. Raises the `ParrotError`
+        that failed the call; cancelling the wait cancels the call."""
+        call, var = prepared.call, prepared.var
         objective = call.objective or LATENCY
-        if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, call, var, objective, fmt, usage)
         self.runtime.submit(call)
         try:
             await var.get(perf=objective)
@@ -255,52 +278,46 @@ class OpenAIAPI:
         result = call.results[0]
         if result.completion_tokens:
             self.metrics.ttft.observe(result.ttft_s)
-        return json_response(fmt.whole(call.results, self._usage(call)))
+        return prepared.fmt.whole(call.results, self._usage(call))
 
-    async def _stream(
-        self,
-        request: web.Request,
-        call: SemanticCall,
-        var: Variable,
-        objective: str,
-        fmt: Format,
-        include_usage: bool,
-    ) -> web.StreamResponse:
+    async def chunks(self, prepared: Prepared) -> AsyncGenerator[Any, None]:
+        """Submit a prepared request and yield its streamed chunks (OpenAI's chunk shapes; the
+        usage chunk when `stream_options.include_usage`). Raises the `ParrotError` that failed
+        the call if it fails before its first token; a later failure is the last item, as
+        OpenAI's error shape (`{"error": {...}}`). Closing the iterator cancels the call."""
+        call, var, fmt = prepared.call, prepared.var, prepared.fmt
+        opts = prepared.req.stream_options
+        include_usage = bool(opts and opts.include_usage)
         queue: asyncio.Queue[tuple[TokenDelta, int] | None] = asyncio.Queue()
         stop = self.runtime.tap.listen(var, lambda delta, i: queue.put_nowait((delta, i)))
         start = time.perf_counter()
         self.runtime.submit(call)
-        getter = asyncio.ensure_future(var.get(perf=objective))
+        getter = asyncio.ensure_future(var.get(perf=call.objective or LATENCY))
         getter.add_done_callback(lambda _: queue.put_nowait(None))
         getter.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             item = await queue.get()
-            if item is None:  # over before its first token: a plain error answer
+            if item is None:  # over before its first token: a plain error
                 try:
                     await getter
                 except CallError as exc:
                     raise _root(exc) from None
             self.metrics.ttft.observe(time.perf_counter() - start)
-            resp = web.StreamResponse(headers=SSE_HEADERS)
-            await resp.prepare(request)
             for chunk in fmt.opening(call.samples):
-                await resp.write(_event(chunk))
+                yield chunk
             while item is not None:
                 delta, index = item
                 for chunk in fmt.piece(delta, index):
-                    await resp.write(_event(chunk))
+                    yield chunk
                 if delta.finish_reason is not None:
                     for chunk in fmt.closing(delta.finish_reason, index):
-                        await resp.write(_event(chunk))
+                        yield chunk
                 item = await queue.get()
             error = getter.exception()
-            if error is not None:  # after the 200: the error travels as an event
-                await resp.write(_event(openai_error(_root(error))))
+            if error is not None:  # after the first chunk: the error travels as an item
+                yield openai_error(_root(error))
             elif include_usage:
-                await resp.write(_event(fmt.usage(self._usage(call))))
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
+                yield fmt.usage(self._usage(call))
         finally:
             stop()
             var.cancel()  # the client went away: its call stops (a no-op once resolved)
@@ -317,6 +334,17 @@ class OpenAIAPI:
             total_tokens=prompt + completion,
             prompt_tokens_details=details,
         )
+
+
+@dataclass
+class Prepared:
+    """An OpenAI request turned into a call: the request, its call and output variable, and
+    the format of its answer."""
+
+    req: CompletionRequest | ChatRequest
+    call: SemanticCall
+    var: Variable
+    fmt: Format
 
 
 def program_of(session: str) -> str:

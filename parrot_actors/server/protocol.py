@@ -398,6 +398,24 @@ class ChatRequest(_OpenAIRequest, kw_only=True):
     parallel_tool_calls: bool | None = None
 
 
+class RenderChatRequest(Request, kw_only=True):
+    """POST /v1/parrot/render_chat: conversations (at most 256) to render with `model`'s chat
+    template, ready for the assistant's reply (what a chat completion would prompt)."""
+
+    model: str
+    conversations: Annotated[
+        list[Annotated[list[ChatMessage], Meta(min_length=1)]], Meta(min_length=1, max_length=256)
+    ]
+
+
+class RenderChatResponse(Response, kw_only=True):
+    """The served model that rendered them (its name, aliases resolved) and the rendered
+    prompt of each conversation, in order."""
+
+    model: str
+    prompts: list[str]
+
+
 class PromptTokensDetails(Response, kw_only=True):
     """cached_tokens: prompt tokens not computed because the session's retained context
     (of its previous turn) already held them."""

@@ -26,19 +26,19 @@ pytestmark = pytest.mark.real_model
 SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 12},
+        "name": {"type": "string", "maxLength": 8},
         "kind": {"enum": ["mammal", "bird", "fish", "insect"]},
         "legs": {"type": "integer", "minimum": 0, "maximum": 8},
         "habitat": {
             "type": "object",
             "properties": {
-                "place": {"type": "string", "maxLength": 12},
+                "place": {"type": "string", "maxLength": 8},
                 "wet": {"type": "boolean"},
             },
             "required": ["place", "wet"],
             "additionalProperties": False,
         },
-        "foods": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
+        "foods": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 1},
     },
     "required": ["name", "kind", "legs", "habitat", "foods"],
     "additionalProperties": False,
@@ -73,7 +73,7 @@ TOOLS = [
 
 @pytest.fixture(scope="module")
 def server():
-    with BackgroundServer([EngineConfig(kv_cache_bytes=256 << 20)]) as server:
+    with BackgroundServer([EngineConfig(kv_cache_bytes=512 << 20)]) as server:
         yield server
 
 
@@ -98,26 +98,30 @@ async def test_twenty_schema_outputs_validate_through_both_apis(server):
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     fmt = {"type": "json_schema", "json_schema": {"name": "animal", "schema": SCHEMA}}
     async with pa.Runtime.connect(server.url):
-        # Submitted first, so the engine serves all 50 calls in the same batches.
         outs = [animal(p) for p in PROMPTS]
         judged = [judge(p) for p in PROMPTS[:10]]
-        answers = await asyncio.gather(
-            *(
-                client.chat.completions.create(
-                    model="default",
-                    messages=[{"role": "user", "content": p}],
-                    response_format=fmt,
-                    max_tokens=100,
-                    temperature=0,
+        # Everything awaited at once (remote calls run when awaited), so the engine serves
+        # the 60 calls in the same batches.
+        answers, parrot_texts, judged_texts = await asyncio.gather(
+            asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="default",
+                        messages=[{"role": "user", "content": p}],
+                        response_format=fmt,
+                        max_tokens=100,
+                        temperature=0,
+                    )
+                    for p in PROMPTS
                 )
-                for p in PROMPTS
-            )
+            ),
+            asyncio.gather(*(o.get() for o in outs)),
+            asyncio.gather(*(v.get() for pair in judged for v in pair)),
         )
-        texts = [a.choices[0].message.content for a in answers]
-        texts += [await o for o in outs]
+        texts = [a.choices[0].message.content for a in answers] + list(parrot_texts)
         parsed = [await o.parsed() for o in outs]
         kinds = [await k.parsed() for k, _ in judged]
-        codes = [await c for _, c in judged]
+        codes = list(judged_texts[1::2])
     assert len(texts) == 40 and len(set(texts)) > 10  # different prompts, different answers
     for text in texts:
         jsonschema.validate(json.loads(text), SCHEMA)
@@ -135,7 +139,7 @@ def _args(call) -> dict:
 
 def test_tool_choice_required_and_named_then_the_tool_result_turn(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    questions = ["What is the weather in Paris?", "What is 2 plus 3?", "Is it cold in Oslo?"]
+    questions = ["What is the weather in Paris?", "What is 2 plus 3?"]
     for q in questions:
         messages = [{"role": "user", "content": q}]
         out = client.chat.completions.create(

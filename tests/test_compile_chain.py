@@ -41,6 +41,20 @@ def three_step(llm: ChatParrot):
     )
 
 
+def map_reduce(llm: ChatParrot):
+    """Six one-chunk summaries in parallel (inputs `c0`..`c5`), then one reduce over them."""
+    maps = RunnableParallel(
+        {
+            f"s{i}": PromptTemplate.from_template(f"{{c{i}}}") | llm | StrOutputParser()
+            for i in range(6)
+        }
+    )
+    reduce = ChatPromptTemplate.from_template(
+        "Combine:\n" + "\n".join(f"- {{s{i}}}" for i in range(6))
+    )
+    return maps | reduce | llm | StrOutputParser()
+
+
 async def test_compiled_chains_equal_step_by_step_and_are_submitted_whole():
     async with pa.Runtime(engines=[tiny_config(kv_cache_bytes=64 << 20)]) as rt:
         llm = ChatParrot(runtime=rt, temperature=0, max_tokens=10)
@@ -71,16 +85,7 @@ async def test_map_reduce_and_a_lambda_boundary():
         summarize = ChatPromptTemplate.from_messages(
             [("system", "Summarize in one sentence."), ("user", "{chunk}")]
         )
-        maps = RunnableParallel(
-            {
-                f"s{i}": PromptTemplate.from_template(f"{{c{i}}}") | llm | StrOutputParser()
-                for i in range(6)
-            }
-        )
-        reduce = ChatPromptTemplate.from_template(
-            "Combine:\n" + "\n".join(f"- {{s{i}}}" for i in range(6))
-        )
-        chain = maps | reduce | llm | StrOutputParser()
+        chain = map_reduce(llm)
         inputs = {f"c{i}": c for i, c in enumerate(CHUNKS)}
         assert await compile_chain(chain).ainvoke(inputs) == await chain.ainvoke(inputs)
         # A Python step in the middle runs here, between two compiled graphs.
@@ -113,16 +118,7 @@ def _requests(url: str) -> dict[tuple[str, str], float]:
 def test_remote_chains_one_submission_batch_and_one_wait():
     with BackgroundServer([tiny_config(kv_cache_bytes=64 << 20)]) as server:
         llm = ChatParrot(url=server.url, temperature=0, max_tokens=8)
-        maps = RunnableParallel(
-            {
-                f"s{i}": PromptTemplate.from_template(f"{{c{i}}}") | llm | StrOutputParser()
-                for i in range(6)
-            }
-        )
-        reduce = ChatPromptTemplate.from_template(
-            "Combine:\n" + "\n".join(f"- {{s{i}}}" for i in range(6))
-        )
-        chain = maps | reduce | llm | StrOutputParser()
+        chain = map_reduce(llm)
         inputs = {f"c{i}": c for i, c in enumerate(CHUNKS)}
         expected = chain.invoke(inputs)  # step by step: 7 chat completions
         before = _requests(server.url)

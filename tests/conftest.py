@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import pytest_asyncio
 
@@ -16,6 +19,15 @@ TINY = {
     "vocab_size": 49152,
     "max_position_embeddings": 512,
 }
+
+
+def load_example(name: str):
+    """`examples/<name>.py` imported as a module (examples are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(**overrides) -> EngineConfig:

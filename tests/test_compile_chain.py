@@ -3,10 +3,8 @@ submitted whole; outputs token for token those of the same chain run step by ste
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import urllib.request
-from pathlib import Path
 
 import pytest
 from langchain_core.output_parsers import StrOutputParser
@@ -18,7 +16,7 @@ from parrot_actors.errors import InvalidRequestError, TemplateError
 from parrot_actors.integrations.chains import compile_chain
 from parrot_actors.integrations.langchain import ChatParrot
 from parrot_actors.server import BackgroundServer
-from tests.conftest import tiny_config
+from tests.conftest import load_example, tiny_config
 
 CHUNKS = [f"Part {i}: the engine batches requests number {i * 7}." for i in range(6)]
 
@@ -135,16 +133,8 @@ def test_remote_chains_one_submission_batch_and_one_wait():
         }
 
 
-def _example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "langchain_summaries.py"
-    spec = importlib.util.spec_from_file_location("langchain_summaries", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 async def test_the_example_apps_routing_lambdas_compile_without_waiting():
-    example = _example()
+    example = load_example("langchain_summaries")
     async with pa.Runtime(engines=[tiny_config(kv_cache_bytes=64 << 20)]) as rt:
         llm = ChatParrot(runtime=rt, temperature=0, max_tokens=8)
         inputs = {f"c{i}": c for i, c in enumerate(CHUNKS[:4])}

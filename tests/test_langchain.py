@@ -6,10 +6,8 @@ models (`langchain-tests`)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import urllib.request
-from pathlib import Path
 
 import openai
 import pydantic
@@ -23,7 +21,7 @@ from parrot_actors.errors import InvalidRequestError
 from parrot_actors.integrations.langchain import ChatParrot
 from parrot_actors.server import BackgroundServer
 from parrot_actors.server.errors import BadRequestError, NotFoundError
-from tests.conftest import tiny_config
+from tests.conftest import load_example, tiny_config
 
 MESSAGES = [SystemMessage("You are terse."), HumanMessage("Name three colors.")]
 
@@ -132,18 +130,9 @@ async def test_chat_parrot_embedded_answers_as_the_remote_one():
         ChatParrot()
 
 
-def _agent_module():
-    """examples/langgraph_agent.py, imported (examples are scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "examples" / "langgraph_agent.py"
-    spec = importlib.util.spec_from_file_location("langgraph_agent", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.real_model
 async def test_langgraph_agent_calls_the_tool_and_its_answer_turn_reuses_the_kv(real_engine):
-    agent = _agent_module()
+    agent = load_example("langgraph_agent")
     async with pa.Runtime(engines=[real_engine]) as rt:
         llm = ChatParrot(runtime=rt, temperature=0, max_tokens=48)
         messages = await agent.run(llm, "What is 12 times 34?", "agent-test")

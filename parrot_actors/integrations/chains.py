@@ -124,8 +124,9 @@ def _first_model(chain: Runnable[Any, Any]) -> ChatParrot:
     todo: list[Any] = [chain]
     while todo:
         step = todo.pop(0)
-        if _model_of(step) is not None:
-            return _model_of(step)[0]  # type: ignore[index]
+        model = _model_of(step)
+        if model is not None:
+            return model[0]
         if isinstance(step, RunnableSequence):
             todo += step.steps
         elif isinstance(step, RunnableParallel):

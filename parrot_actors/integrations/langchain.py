@@ -484,17 +484,20 @@ def _request(body: dict[str, Any]) -> ChatRequest:
 def error_of_answer(status: int, raw: bytes) -> ParrotError:
     """The typed error of an OpenAI-shaped error answer."""
     try:
-        error = json.loads(raw)["error"]
-        return exception_from(ErrorBody(type=str(error["code"]), message=str(error["message"])))
+        return _exception(json.loads(raw)["error"])
     except (ValueError, KeyError, TypeError):
         return ParrotError(f"HTTP {status}: {raw[:500].decode(errors='replace')}")
+
+
+def _exception(error: dict[str, Any]) -> ParrotError:
+    """The typed error of OpenAI's error body (`code` is this service's error class)."""
+    return exception_from(ErrorBody(type=str(error["code"]), message=str(error["message"])))
 
 
 def _raise_event_error(item: dict[str, Any]) -> None:
     """Raise the typed error of a streamed error event (a failure after the first chunk)."""
     if "error" in item and "choices" not in item:
-        error = item["error"]
-        raise exception_from(ErrorBody(type=str(error["code"]), message=str(error["message"])))
+        raise _exception(item["error"])
 
 
 def _usage(usage: dict[str, Any]) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ whose calls are valid only because they are constrained."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jsonschema
@@ -280,3 +281,29 @@ def test_bad_tools_are_400s_naming_them_and_neighbours_are_served():
                 _chat(client, **change)
         ok = _chat(client, tools=TOOLS, tool_choice="required", seed=1)
         _valid(ok.choices[0].message.tool_calls[0])
+
+
+def test_a_tool_call_stream_dropped_mid_call_leaves_the_others_served_and_frees_its_kv():
+    with BackgroundServer([tiny_config(kv_cache_bytes=32 << 20)]) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        ask = {"tools": TOOLS, "tool_choice": "required", "seed": 5, "temperature": 1.0}
+        expected = _chat(client, **ask).choices[0].message.tool_calls
+        with _chat(client, stream=True, max_tokens=400, **ask) as dropped:
+            for chunk in dropped:
+                if chunk.choices and chunk.choices[0].delta.tool_calls:
+                    break  # gone inside the call's arguments, its matcher mid-object
+        again = _chat(client, **ask).choices[0].message.tool_calls
+        assert [(c.function.name, c.function.arguments) for c in again] == [
+            (c.function.name, c.function.arguments) for c in expected
+        ]
+
+        async def idle() -> bool:
+            for _ in range(500):
+                engine = server.runtime.engines[0]
+                await engine.flush()
+                if engine.stats().running == 0:
+                    return True
+                await asyncio.sleep(0.01)
+            return False
+
+        assert server.call(idle)

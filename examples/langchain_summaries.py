@@ -15,6 +15,7 @@ import asyncio
 import time
 from typing import Any
 
+from langchain_core.language_models import BaseChatModel
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableParallel, RunnablePassthrough
@@ -24,18 +25,19 @@ from parrot_actors import apps
 from parrot_actors.integrations.chains import compile_chain
 from parrot_actors.integrations.langchain import ChatParrot
 
-MAP = ChatPromptTemplate.from_messages(
-    [("system", "You summarize documents."), ("user", "Summarize this part:\n\n{chunk}")]
-)
-REFINE = ChatPromptTemplate.from_messages(
-    [
-        ("system", "You summarize documents."),
-        ("user", "Summary so far:\n{summary}\n\nRefine it with this part:\n\n{chunk}"),
-    ]
-)
+SYSTEM = "You summarize documents."
+MAP_USER = "Summarize this part:\n\n{chunk}"
+REFINE_USER = "Summary so far:\n{summary}\n\nRefine it with this part:\n\n{chunk}"
+MAP = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", MAP_USER)])
+REFINE = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", REFINE_USER)])
 
 
-def map_reduce(llm: ChatParrot, n: int) -> Runnable[Any, Any]:
+def reduce_user(n: int) -> str:
+    """The reduce step's user message over summaries `s0`..`s{n-1}` (a template)."""
+    return "Combine these summaries:\n" + "\n".join(f"- {{s{i}}}" for i in range(n))
+
+
+def map_reduce(llm: BaseChatModel, n: int) -> Runnable[Any, Any]:
     """Summarize chunks `c0`..`c{n-1}` in parallel, then combine the summaries."""
     maps = RunnableParallel(
         {
@@ -43,14 +45,11 @@ def map_reduce(llm: ChatParrot, n: int) -> Runnable[Any, Any]:
             for i in range(n)
         }
     )
-    bullets = "\n".join(f"- {{s{i}}}" for i in range(n))
-    reduce = ChatPromptTemplate.from_messages(
-        [("system", "You summarize documents."), ("user", f"Combine these summaries:\n{bullets}")]
-    )
+    reduce = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", reduce_user(n))])
     return maps | reduce | llm | StrOutputParser()
 
 
-def chain_summary(llm: ChatParrot, n: int) -> Runnable[Any, Any]:
+def chain_summary(llm: BaseChatModel, n: int) -> Runnable[Any, Any]:
     """Refine one running summary chunk by chunk (each step reads the previous summary)."""
     steps: Runnable[Any, Any] = RunnablePassthrough.assign(
         summary={"chunk": lambda d: d["c0"]} | MAP | llm | StrOutputParser()

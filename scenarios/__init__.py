@@ -19,9 +19,10 @@ SCENARIO_NAMES = (
     "multi_agent",
     "mixed",
     "agent_sessions",
+    "langchain_apps",
 )
 """Scenario names, in the order of the paper's figures (Fig. 11-18), then agent sessions over
-the OpenAI API (beyond the paper)."""
+the OpenAI API and the LangChain apps (beyond the paper)."""
 
 
 def load(name: str) -> ModuleType:

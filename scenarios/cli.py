@@ -98,7 +98,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> tuple[list, dict]:
 
     mod = load(args.scenario)
     tunings = args.baseline_tuning or mod.BASELINE_TUNINGS
-    results = [run_mode(s, mod, args, not args.no_progress) for s in mode_specs(args, tunings)]
+    specs = mode_specs(args, tunings, getattr(mod, "VARIANTS", None))
+    results = [run_mode(s, mod, args, not args.no_progress) for s in specs]
     output.print_table(args.scenario, results, sys.stdout)
     body = output.report_dict(args.scenario, argv, results)
     out = Path(args.out)

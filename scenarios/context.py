@@ -20,8 +20,9 @@ class RunContext:
     """One mode's run. mode: "parrot" or "baseline". rtt_s: simulated network round trip
     (seconds) paid per request by the baseline and once per app by Parrot. model: the served
     model name (OpenAI `model`). tokenizer: the served model's, for token counts and
-    truncation. bar: a tqdm progress bar over apps (or None). extra: counters the scenario
-    keeps (they land in `ModeResult.extra`)."""
+    truncation. variant: the client variant of a scenario with several (a `VARIANTS`
+    label), else "". bar: a tqdm progress bar over apps (or None). extra: counters the
+    scenario keeps (they land in `ModeResult.extra`)."""
 
     mode: str
     url: str
@@ -29,6 +30,7 @@ class RunContext:
     seed: int
     model: str
     tokenizer: object
+    variant: str = ""
     bar: object | None = None
     openai: object | None = None
     apps: list[AppRecord] = field(default_factory=list)

@@ -41,17 +41,20 @@ LATENCY_TUNED = {"max_running": 2, "max_batch_tokens": 512}
 latency-centric vLLM configuration, scaled to this engine)."""
 THROUGHPUT_TUNED = {"max_running": 64, "max_batch_tokens": 4096}
 """Engine settings of the throughput-tuned baseline: large batches and prefill chunks."""
+_TUNINGS = {"latency": LATENCY_TUNED, "throughput": THROUGHPUT_TUNED}
 
 
 @dataclass
 class ModeSpec:
-    """One mode to run: label (table column), mode ("parrot" | "baseline"), engine configs
-    and scheduler config of its service."""
+    """One mode to run: label (table column), mode ("parrot" | "baseline": which service),
+    engine configs and scheduler config of its service, and the client variant of a
+    scenario that has several (its `VARIANTS`; "" otherwise)."""
 
     label: str
     mode: str
     engines: list[EngineConfig]
     scheduler: pa.SchedulerConfig
+    variant: str = ""
 
 
 def engine_configs(args: argparse.Namespace, tuning: dict | None = None) -> list[EngineConfig]:
@@ -72,20 +75,35 @@ def engine_configs(args: argparse.Namespace, tuning: dict | None = None) -> list
     return [EngineConfig(name=f"engine{i}", **kw) for i in range(max(1, args.engines))]
 
 
-def mode_specs(args: argparse.Namespace, tunings: list[str]) -> list[ModeSpec]:
+def mode_specs(
+    args: argparse.Namespace, tunings: list[str], variants: list[tuple[str, str, str]] | None = None
+) -> list[ModeSpec]:
     """The modes `args.mode` asks for: Parrot, and one baseline per tuning in `tunings`
     ("same": Parrot's engine settings; "latency" / "throughput": `LATENCY_TUNED` /
-    `THROUGHPUT_TUNED`)."""
+    `THROUGHPUT_TUNED`). A scenario with client `variants` ((label, mode, tuning) triples)
+    gets one mode per variant instead, each on a service of its mode and engine tuning."""
+    parrot = pa.SchedulerConfig(throughput_cap=args.throughput_cap)
+    base = pa.SchedulerConfig(
+        policy="fcfs", prefix_sharing=False, automatic_prefix_caching=args.baseline_apc
+    )
+    if variants:
+        return [
+            ModeSpec(
+                label,
+                mode,
+                engine_configs(args, _TUNINGS.get(tuning)),
+                parrot if mode == "parrot" else base,
+                label,
+            )
+            for label, mode, tuning in variants
+            if args.mode in (mode, "both")
+        ]
     specs = []
     if args.mode in ("parrot", "both"):
-        parrot = pa.SchedulerConfig(throughput_cap=args.throughput_cap)
         specs.append(ModeSpec("parrot", "parrot", engine_configs(args), parrot))
     if args.mode in ("baseline", "both"):
-        base = pa.SchedulerConfig(
-            policy="fcfs", prefix_sharing=False, automatic_prefix_caching=args.baseline_apc
-        )
         for t in tunings:
-            tuning = {"latency": LATENCY_TUNED, "throughput": THROUGHPUT_TUNED}.get(t)
+            tuning = _TUNINGS.get(t)
             label = "baseline" if t == "same" else f"baseline-{t}"
             specs.append(ModeSpec(label, "baseline", engine_configs(args, tuning), base))
     return specs
@@ -118,6 +136,19 @@ async def _call_stats(server: BackgroundServer) -> list:
     return await asyncio.wrap_future(
         asyncio.run_coroutine_threadsafe(read(), server.loop), loop=asyncio.get_running_loop()
     )
+
+
+async def _warmup_ids(server: BackgroundServer | None) -> set[int]:
+    """Ids of the calls the service finished before the run (the warm-up request), whose
+    stats may land just after its answer: waits up to 5 s for them."""
+    if server is None:
+        return set()
+    for _ in range(100):
+        stats = await _call_stats(server)
+        if stats:
+            return {s.call_id for s in stats}
+        await asyncio.sleep(0.05)
+    return set()
 
 
 _COUNTERS = ("prefill_tokens", "reused_tokens", "generated_tokens", "steps", "preemptions")
@@ -194,18 +225,28 @@ async def _drive(
         tokenizer = load_tokenizer("default" if args.tiny else args.model)
     # One short request first: the first forward pass of a fresh engine pays one-off costs.
     await client.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0)
+    warmup = await _warmup_ids(server)
     bar = tqdm(
         total=scenario.num_apps(args), desc=f"{scenario.NAME} [{spec.label}]", disable=not progress
     )
     ctx = RunContext(
-        mode=spec.mode, url=url, rtt_s=args.rtt, seed=args.seed, model=model, tokenizer=tokenizer
+        mode=spec.mode,
+        url=url,
+        rtt_s=args.rtt,
+        seed=args.seed,
+        model=model,
+        tokenizer=tokenizer,
+        variant=spec.variant,
     )
     ctx.bar, ctx.openai = bar, client
     async with pa.Runtime.connect(url, max_connections=512, get_timeout_s=3600.0) as rt:
         before = await _engine_counters(url, server)
         load0 = os.getloadavg()[0]
         ctx.t0 = time.perf_counter()
-        run = scenario.run_parrot if ctx.parrot else scenario.run_baseline
+        if spec.variant:
+            run = scenario.run
+        else:
+            run = scenario.run_parrot if ctx.parrot else scenario.run_baseline
         try:
             await asyncio.wait_for(run(ctx, args), args.timeout)
         except asyncio.TimeoutError:
@@ -219,8 +260,10 @@ async def _drive(
     bar.close()
     await client.close()
     calls = ctx.calls
-    if ctx.parrot and server is not None:
-        calls = [_parrot_call(s) for s in await _call_stats(server)]
+    # Parrot's calls (and every call of a variant scenario, whose clients are libraries) are
+    # timed by the service's scheduler; the baseline's by its client.
+    if (ctx.parrot or spec.variant) and server is not None:
+        calls = [_parrot_call(s) for s in await _call_stats(server) if s.call_id not in warmup]
     engine = msgspec.to_builtins(spec.engines[0])
     engine.pop("random_model", None)
     return ModeResult(

@@ -87,16 +87,19 @@ def kinds(results: Sequence[ModeResult]) -> list[str]:
     return ["all", *seen] if len(seen) > 1 else seen
 
 
-def speedups(results: Sequence[ModeResult], kind: str, metric: str = "mean_s") -> dict[str, float]:
-    """baseline / Parrot of `metric` (a `Summary` field, lower is better) for every baseline
-    label, over apps of `kind`. Empty without a Parrot result."""
-    parrot = next((r for r in results if r.label == "parrot"), None)
+def speedups(
+    results: Sequence[ModeResult], kind: str, metric: str = "mean_s", reference: str = "parrot"
+) -> dict[str, float]:
+    """other / reference of `metric` (a `Summary` field, lower is better) for every label but
+    the reference one ("parrot" unless the scenario names another), over apps of `kind`.
+    Empty without a result of the reference label."""
+    parrot = next((r for r in results if r.label == reference), None)
     if parrot is None:
         return {}
     p = getattr(summarize(parrot, kind), metric)
     out = {}
     for r in results:
-        if r.label != "parrot":
+        if r.label != reference:
             b = getattr(summarize(r, kind), metric)
             out[r.label] = b / p if p and p > 0 else math.nan
     return out

@@ -53,9 +53,18 @@ def _fmt(fmt: str, v: float) -> str:
     return "-" if isinstance(v, float) and math.isnan(v) else fmt.format(v)
 
 
+def reference(name: str) -> str:
+    """The label speedups are relative to: the scenario's `REFERENCE`, else "parrot"."""
+    from scenarios import load
+
+    return str(getattr(load(name), "REFERENCE", "parrot"))
+
+
 def print_table(name: str, results: list[ModeResult], out: TextIO) -> None:
-    """The metrics of every mode side by side, per app kind, with baseline/Parrot speedups."""
+    """The metrics of every mode side by side, per app kind, with speedups (other mode /
+    the reference mode, `reference(name)`)."""
     labels = [r.label for r in results]
+    ref = reference(name)
     width = max(24, *(len(x) + 2 for x in labels))
     for kind in kinds(results):
         out.write(f"\n{name} — apps: {kind}\n")
@@ -68,18 +77,20 @@ def print_table(name: str, results: list[ModeResult], out: TextIO) -> None:
             ("mean_s", "speedup (mean e2e)"),
             ("norm_s_per_token", "speedup (normalized)"),
         ):
-            sp = speedups(results, kind, metric)
+            sp = speedups(results, kind, metric, ref)
             if sp:
                 cells = "".join(
-                    f"{'1.00x' if x == 'parrot' else _fmt('{:.2f}x', sp[x]):>{width}}"
-                    for x in labels
+                    f"{'1.00x' if x == ref else _fmt('{:.2f}x', sp[x]):>{width}}" for x in labels
                 )
                 out.write(f"{title:<24}{cells}\n")
     derived = _derived(name, results)
     if derived:
         out.write(f"\n{name} — derived\n")
         for title in derived[0]:
-            cells = "".join(f"{_fmt('{:.0f}', d[title]):>{width}}" for d in derived)
+            cells = "".join(
+                f"{_fmt('{:.0f}' if float(d[title]).is_integer() else '{:.2f}', d[title]):>{width}}"
+                for d in derived
+            )
             out.write(f"{title:<24}{cells}\n")
     compared, bad = compare_outputs(results)
     if compared:
@@ -103,7 +114,7 @@ def report_dict(name: str, argv: list[str], results: list[ModeResult]) -> dict:
             for r in results
         },
         "speedup": {
-            k: {m: speedups(results, k, m) for m in ("mean_s", "norm_s_per_token")}
+            k: {m: speedups(results, k, m, reference(name)) for m in ("mean_s", "norm_s_per_token")}
             for k in kinds(results)
         },
         "derived": dict(zip([r.label for r in results], _derived(name, results), strict=True))

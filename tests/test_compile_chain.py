@@ -123,11 +123,12 @@ def test_remote_chains_one_submission_batch_and_one_wait():
         assert compile_chain(chain).invoke(inputs) == expected
         after = _requests(server.url)
         sent = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-        # One session, one render of all 7 prompts, the 7 calls, one wait, the session's end.
+        # One session, one render of all 7 prompts, one batch of the 7 calls, one wait, the
+        # session's end.
         assert {k: v for k, v in sent.items() if k[1] != "/metrics"} == {
             ("POST", "/v1/sessions"): 1,
             ("POST", "/v1/parrot/render_chat"): 1,
-            ("POST", "/v1/calls"): 7,
+            ("POST", "/v1/calls/batch"): 1,
             ("GET", "/v1/variables/{id}"): 1,
             ("DELETE", "/v1/session"): 1,
         }

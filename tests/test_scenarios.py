@@ -46,7 +46,7 @@ def run_smallest(name: str, out: Path, *extra: str) -> tuple[list, dict]:
     return bench(parser().parse_args([*argv, *load(name).SMALLEST, *extra]), argv)
 
 
-@pytest.mark.parametrize("name", SCENARIO_NAMES)
+@pytest.mark.parametrize("name", [n for n in SCENARIO_NAMES if not hasattr(load(n), "VARIANTS")])
 def test_both_modes_complete_and_identical(name, tmp_path):
     results, body = run_smallest(name, tmp_path)
     mod = load(name)
@@ -134,3 +134,37 @@ def test_agent_sessions_keep_their_context_where_the_baseline_recomputes(tmp_pat
     assert body["outputs_differ"] == [] and body["outputs_compared"] == 8
     assert baseline["session prefill (tok)"] > 1.5 * parrot["session prefill (tok)"] > 0
     assert all(r.extra["oneshot_prompt_tokens"] >= 400 for r in results)
+
+
+def test_langchain_apps_four_clients_same_text_and_their_requests_counted(tmp_path):
+    # 100 ms per request on the simulated network, so its overlap shows in "network s".
+    results, body = run_smallest("langchain_apps", tmp_path, "--rtt", "0.1")
+    labels = ["chatopenai", "chatopenai-latency", "chatparrot", "compiled", "handwritten"]
+    assert [r.label for r in results] == labels
+    assert body["outputs_differ"] == [] and body["outputs_compared"] == 2
+    assert all(sorted(r.outputs) == ["run0/chain", "run0/map-reduce"] for r in results)
+    assert all(all(r.outputs.values()) and len(r.calls) == 7 for r in results)
+    # Requests per app: step by step, one per call (3 maps + the reduce; 3 chain steps);
+    # compiled: session + render + one batch + one GET + the session's end; hand-written:
+    # the same without the render.
+    requests = {
+        x: {a: body["derived"][x][f"{a} requests"] for a in ("map-reduce", "chain")} for x in labels
+    }
+    step = {"map-reduce": 4, "chain": 3}
+    assert requests == {
+        "chatopenai": step,
+        "chatopenai-latency": step,
+        "chatparrot": step,
+        "compiled": {"map-reduce": 5, "chain": 5},
+        "handwritten": {"map-reduce": 4, "chain": 4},
+    }
+    # Round trips on the app's path: the concurrent maps share one, the session is opened
+    # while the prompts render.
+    trips = {
+        x: {a: round(body["derived"][x][f"{a} network s"] / 0.1) for a in step} for x in labels
+    }
+    assert trips["chatopenai"] == trips["chatparrot"] == {"map-reduce": 2, "chain": 3}
+    assert trips["compiled"] == trips["handwritten"] == {"map-reduce": 4, "chain": 4}
+    # Only the baselines never reuse a prefix.
+    assert [r.tokens.reused_tokens == 0 for r in results] == [True, True, False, False, False]
+    assert (tmp_path / "langchain_apps.png").stat().st_size > 1000

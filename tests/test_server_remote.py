@@ -71,7 +71,7 @@ async def run_chain(depth: int, rt_factory) -> tuple[list[str], object]:
 
 
 @pytest.mark.parametrize("depth", [2, 8])
-async def test_chain_costs_one_request_per_call_plus_one_get(server, depth):
+async def test_chain_costs_one_submission_and_one_get(server, depth):
     log = RequestLog()
     remote, _ = await run_chain(
         depth, lambda: pa.Runtime.connect(server.url, trace_configs=[log.trace])
@@ -79,11 +79,26 @@ async def test_chain_costs_one_request_per_call_plus_one_get(server, depth):
     embedded, _ = await run_chain(depth, lambda: pa.Runtime(engines=[EchoEngine()]))
     # Same values at every step, intermediate ones included (they ride along with the GET).
     assert remote == embedded
-    assert log.count("POST", "/v1/sessions") == 1
-    assert log.count("POST", "/v1/calls") == depth
-    assert log.count("GET", "/v1/variables") == 1
-    assert log.count("DELETE", "/v1/session") == 1
-    assert len(log.requests) == depth + 3
+    # The whole chain was built before the first await: one batch carries every call.
+    assert log.requests[:2] == [("POST", "/v1/sessions"), ("POST", "/v1/calls/batch")]
+    assert log.requests[2][0] == "GET" and log.requests[2][1].startswith("/v1/variables/")
+    assert log.requests[3:] == [("DELETE", "/v1/session")]
+
+
+async def test_a_refused_call_in_a_batch_fails_alone_and_the_rest_is_resent():
+    with BackgroundServer([EchoEngine()], ServerConfig(port=0, max_pending_calls=2)) as srv:
+        log = RequestLog()
+        async with pa.Runtime.connect(srv.url, trace_configs=[log.trace]):
+            outs = [step(pa.Variable(t)) for t in ("a", "b", "c", "d")]
+            got = await asyncio.gather(*outs, return_exceptions=True)
+    # a and b were taken (pending until awaited); c was refused, which ended the batch; d
+    # went again on its own and was refused for the same reason.
+    assert got[:2] == [echo("a"), echo("b")]
+    for err in got[2:]:
+        assert isinstance(err, pa.CallError) and "the service refused it" in str(err)
+        assert type(err.__cause__).__name__ == "TooManyPendingError"
+    posts = [p for m, p in log.requests if m == "POST"]
+    assert posts == ["/v1/sessions", "/v1/calls/batch", "/v1/calls"]
 
 
 async def test_calls_are_lazy_until_awaited_and_objective_travels(server):

@@ -94,14 +94,16 @@ def judge(
     Code: {{code}}"""
 
 
-async def test_twenty_schema_outputs_validate_through_both_apis(server):
+async def test_twenty_schema_outputs_validate_across_both_apis(server):
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     fmt = {"type": "json_schema", "json_schema": {"name": "animal", "schema": SCHEMA}}
     async with pa.Runtime.connect(server.url):
-        outs = [animal(p) for p in PROMPTS]
+        # Twenty different prompts: the first ten through the OpenAI API, the others through
+        # the Parrot API (typed variables).
+        outs = [animal(p) for p in PROMPTS[10:]]
         judged = [judge(p) for p in PROMPTS[:10]]
         # Everything awaited at once (remote calls run when awaited), so the engine serves
-        # the 60 calls in the same batches.
+        # the 40 calls in the same batches.
         answers, parrot_texts, judged_texts = await asyncio.gather(
             asyncio.gather(
                 *(
@@ -112,7 +114,7 @@ async def test_twenty_schema_outputs_validate_through_both_apis(server):
                         max_tokens=100,
                         temperature=0,
                     )
-                    for p in PROMPTS
+                    for p in PROMPTS[:10]
                 )
             ),
             asyncio.gather(*(o.get() for o in outs)),
@@ -122,10 +124,10 @@ async def test_twenty_schema_outputs_validate_through_both_apis(server):
         parsed = [await o.parsed() for o in outs]
         kinds = [await k.parsed() for k, _ in judged]
         codes = list(judged_texts[1::2])
-    assert len(texts) == 40 and len(set(texts)) > 10  # different prompts, different answers
+    assert len(texts) == 20 and len(set(texts)) > 10  # different prompts, different answers
     for text in texts:
         jsonschema.validate(json.loads(text), SCHEMA)
-    assert parsed == [json.loads(t) for t in texts[20:]]
+    assert parsed == [json.loads(t) for t in texts[10:]]
     assert all(k in ("mammal", "bird", "fish", "insect") for k in kinds)
     assert all(re.fullmatch(r"[A-Z]{3}-[0-9]{2}", c) for c in codes), codes
 

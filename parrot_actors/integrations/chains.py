@@ -27,8 +27,9 @@ template over the same strings), so greedy outputs are token for token the same.
 
 Over an embedded runtime (`ChatParrot(runtime=...)`) the engine renders the prompts and the
 runtime takes the calls; over a service (`ChatParrot(url=...)`) a run opens one Parrot API
-session, renders each stage's prompts in one request (`POST /v1/parrot/render_chat`), posts
-its calls and waits once for the output (plus once per boundary).
+session (while its first stage renders), renders each stage's prompts in one request
+(`POST /v1/parrot/render_chat`), posts its calls in one batch (`POST /v1/calls/batch`) and
+waits once for the output (plus once per boundary), then ends the session.
 """
 
 from __future__ import annotations
@@ -114,9 +115,11 @@ class CompiledChain(Runnable[Any, Any]):
         if llm.runtime is not None:
             return await _Run(self.strict, _Embedded(llm.runtime)).output(self.chain, input)
         assert llm.url is not None, "ChatParrot validates url or runtime"
-        async with RemoteRuntime(llm.url, api_key=llm.api_key) as remote:
-            backend = _Remote(llm.url, llm.api_key, remote)
+        backend = _Remote(llm.url, llm.api_key, RemoteRuntime(llm.url, api_key=llm.api_key))
+        try:
             return await _Run(self.strict, backend).output(self.chain, input)
+        finally:
+            await backend.close()
 
 
 def _first_model(chain: Runnable[Any, Any]) -> ChatParrot:
@@ -156,21 +159,47 @@ class _Embedded:
         engine = self.router.pick(model)
         return engine.model_name, [engine.render_chat(c) for c in chats]
 
+    async def ready(self) -> None:
+        """Nothing to open: the runtime is running."""
+
     def submit(self, call: SemanticCall) -> None:
         self.runtime.submit(call)
 
 
 class _Remote:
     """Calls of a run on a service: one request renders a stage's prompts, the Parrot API
-    session of the run takes the calls."""
+    session of the run takes the calls. The session is created while the first stage
+    renders (two requests in flight, one round trip) and ended by `close`."""
 
     def __init__(self, url: str, api_key: str | None, runtime: RemoteRuntime) -> None:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.runtime = runtime
+        self._started: asyncio.Future[None] | None = None
+
+    def _start(self) -> asyncio.Future[None]:
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.runtime.start())
+        return self._started
+
+    async def ready(self) -> None:
+        """The session exists. Raises what creating it raised (the service's typed error,
+        `aiohttp.ClientError`)."""
+        await self._start()
+
+    async def close(self) -> None:
+        """End the session (if it was opened); pending variables fail with `CallError`."""
+        if self._started is None:
+            return
+        try:
+            await self._started
+        except Exception:  # the run already raised it; nothing was opened
+            return
+        await self.runtime.close()
 
     async def render(self, model: str, chats: list[list[dict[str, Any]]]) -> tuple[str, list[str]]:
         """The served model's name and each conversation's prompt."""
+        self._start()  # the session is created while the prompts render
         body = {"model": model, "conversations": chats}
         async with aiohttp.ClientSession() as http:
             async with http.post(
@@ -263,6 +292,8 @@ class _Run:
                 sampling = tuple(sorted(_sampling(p.llm, p.bound).items()))
                 pieces.append(Piece("output", var=p.out, sampling=sampling))
                 calls[id(p)] = SemanticCall("chat", pieces, model=name)
+        if batch:
+            await self.backend.ready()
         for p in batch:
             self.backend.submit(calls[id(p)])
 

@@ -2,10 +2,12 @@
 
 Calling a semantic function inside `async with pa.Runtime.connect(url) as rt:` returns its
 output variables at once, as embedded. Submissions, sets and cancels go to the service in
-order through one sender task (one HTTP request each, never waiting on results), so a chain
-of N dependent calls costs N requests however deep it is; the service runs each call when its
-inputs resolve. `await var` sends ONE waiting GET for that variable; the answer also carries
-the values of its upstream variables, so `value()` works on them without more requests.
+order through one sender task, never waiting on results: the calls the app made since the
+sender last ran travel together in one POST /v1/calls/batch (a lone call as POST /v1/calls),
+so a graph built in one go costs one request however many calls it has and however deep it
+is; the service runs each call when its inputs resolve. `await var` sends ONE waiting GET
+for that variable; the answer also carries the values of its upstream variables, so
+`value()` works on them without more requests.
 Client-side `pa.Variable("...")` values travel inline with the first submission that uses
 them. Service errors come back as the same typed exceptions (`CallError` chained to its cause,
 `TemplateError`, ...). Unlike the embedded runtime, `rt.stats()` is a coroutine.
@@ -28,10 +30,13 @@ from parrot_actors.server.errors import GetTimeoutError, exception_from
 from parrot_actors.server.protocol import (
     CallAccepted,
     CallEvents,
+    CallsAccepted,
     CreateSession,
     SessionCreated,
     SessionStats,
     SetVariable,
+    SubmitCall,
+    SubmitCalls,
     VariableState,
 )
 from parrot_actors.variables.current import CurrentRuntime
@@ -55,6 +60,13 @@ _Item: TypeAlias = (
 )
 """What the sender sends, in order: a call, a waiting GET (with its objective), a set, a
 cancel, or a flush marker (resolved once everything before it was sent)."""
+
+BATCH_CALLS = 64
+"""Most calls the client sends in one POST /v1/calls/batch."""
+BATCH_BYTES = 256 << 10
+"""A batch closes once its JSON passes this size (bytes), well under the service's default
+`max_body_bytes` (1 MiB)."""
+_CANCELLED = CallError("cancelled before it was sent")
 
 
 class RemoteRuntime(CurrentRuntime):
@@ -195,13 +207,42 @@ class RemoteRuntime(CurrentRuntime):
 
     async def _send_loop(self, queue: asyncio.Queue[_Item]) -> None:
         while True:
-            item = await queue.get()
+            items = [await queue.get()]
+            while not queue.empty():  # what the app queued meanwhile goes out together
+                items.append(queue.get_nowait())
+            calls: list[SemanticCall] = []
+            for item in items:
+                if item[0] == "call":
+                    calls.append(item[1])
+                    continue
+                if item[0] == "set" and item[1].id not in self._known:
+                    continue  # its value travels inline with the calls that use it
+                await self._send_calls(calls)
+                calls = []
+                await self._guarded(item)
+            await self._send_calls(calls)
+
+    async def _guarded(self, item: _Item) -> None:
+        try:
+            await self._process(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one bad item must never stop the ones behind it
+            log.exception("sending %s failed", item[0])
+
+    async def _send_calls(self, calls: list[SemanticCall]) -> None:
+        """Send consecutive queued calls: one alone as POST /v1/calls, more as batches."""
+        while calls:
+            if len(calls) == 1:
+                await self._guarded(("call", calls[0]))
+                return
             try:
-                await self._process(item)
+                calls = await self._send_batch(calls)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # one bad item must never stop the ones behind it
-                log.exception("sending %s failed", item[0])
+            except Exception:
+                log.exception("sending a batch of %d calls failed", len(calls))
+                return
 
     async def _process(self, item: _Item) -> None:
         if item[0] == "call":
@@ -223,15 +264,24 @@ class RemoteRuntime(CurrentRuntime):
         elif item[0] == "flush":
             item[1].set_result(None)
 
-    async def _send_call(self, call: SemanticCall) -> None:
-        if call.state is CallState.FAILED:  # cancelled before it was sent
-            return
+    def _unsendable(self, call: SemanticCall) -> CallError | None:
+        """Why `call` must not be sent: `_CANCELLED` (cancelled before it was sent), the
+        `CallError` of an input that failed here, or None."""
+        if call.state is CallState.FAILED:
+            return _CANCELLED
         for v in call.inputs:
             if v.id not in self._known and v.done() and v.error is not None:
                 err = CallError(f"{call.function_name}#{call.id}: input {v.name!r} failed")
                 err.__cause__ = v.error
+                return err
+        return None
+
+    async def _send_call(self, call: SemanticCall) -> None:
+        err = self._unsendable(call)
+        if err is not None:
+            if err is not _CANCELLED:
                 self._fail_call(call, err)
-                return
+            return
         req = encode_call(call, self._known)
         try:
             accepted = await self._request("POST", "/v1/calls", req, type_=CallAccepted)
@@ -240,6 +290,10 @@ class RemoteRuntime(CurrentRuntime):
             err.__cause__ = exc
             self._fail_call(call, err)
             return
+        self._accepted(call, req, accepted)
+
+    def _accepted(self, call: SemanticCall, req: SubmitCall, accepted: CallAccepted) -> None:
+        """The service took `call` (sent as `req`): remember what it now knows."""
         self._call_ids[accepted.call_id] = call.id
         outputs = {v.id for v in call.outputs}
         for nv in req.variables:
@@ -247,6 +301,53 @@ class RemoteRuntime(CurrentRuntime):
             if nv.value is None and nv.id not in outputs:
                 self._pending_remote.add(nv.id)  # the service waits for our set()
         self._known.update(outputs)
+
+    async def _send_batch(self, calls: list[SemanticCall]) -> list[SemanticCall]:
+        """POST one batch from the front of `calls` (at most `BATCH_CALLS` calls and about
+        `BATCH_BYTES` of JSON) and return the calls still to send: the rest, and those
+        after a refused call (the service did not try them). A refused call fails here."""
+        known = set(self._known)  # as the service will know them after the earlier calls
+        sent: list[tuple[SemanticCall, SubmitCall]] = []
+        size = 0
+        rest = list(calls)
+        while rest and len(sent) < BATCH_CALLS and size < BATCH_BYTES:
+            call = rest.pop(0)
+            err = self._unsendable(call)
+            if err is not None:
+                if err is not _CANCELLED:
+                    self._fail_call(call, err)
+                continue
+            req = encode_call(call, known)
+            size += len(msgspec.json.encode(req))
+            known.update(nv.id for nv in req.variables)
+            known.update(v.id for v in call.outputs)
+            sent.append((call, req))
+        if not sent:
+            return rest
+        try:
+            answer = await self._request(
+                "POST",
+                "/v1/calls/batch",
+                SubmitCalls(calls=[r for _, r in sent]),
+                type_=CallsAccepted,
+            )
+        except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            for call, _ in sent:
+                err = CallError(f"{call.function_name}#{call.id}: the service refused it: {exc}")
+                err.__cause__ = exc
+                self._fail_call(call, err)
+            return rest
+        for (call, req), accepted in zip(sent, answer.accepted):
+            self._accepted(call, req, accepted)
+        taken = len(answer.accepted)
+        if answer.error is not None and taken < len(sent):
+            call = sent[taken][0]
+            why = exception_from(answer.error)
+            err = CallError(f"{call.function_name}#{call.id}: the service refused it: {why}")
+            err.__cause__ = why
+            self._fail_call(call, err)
+            return [c for c, _ in sent[taken + 1 :]] + rest
+        return rest
 
     def _fail_call(self, call: SemanticCall, err: CallError) -> None:
         advance(call, CallState.FAILED)

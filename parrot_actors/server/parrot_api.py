@@ -1,14 +1,15 @@
 """The Parrot API: sessions, semantic calls, variables, stats.
 
-One request per call submission: the client sends calls as it makes them and never waits
-between dependent ones; the shared runtime starts each call the moment its inputs resolve and
-an output is wanted. A GET on a variable is the "want": it waits server-side with the
-requested objective (`perf`) and answers with the value.
+The client sends calls as it makes them (one request per call, or a batch of the calls it has
+queued in one request) and never waits between dependent ones; the shared runtime starts
+each call the moment its inputs resolve and an output is wanted. A GET on a variable is the
+"want": it waits server-side with the requested objective (`perf`) and answers with the value.
 
 Routes (all but POST /v1/sessions need `Authorization: Bearer <token>`):
   POST   /v1/sessions                  CreateSession -> 201 SessionCreated
   DELETE /v1/session                   -> SessionClosed (cancels calls, frees contexts)
   POST   /v1/calls                     SubmitCall -> 201 CallAccepted
+  POST   /v1/calls/batch               SubmitCalls -> 201 CallsAccepted (207: one refused)
   POST   /v1/variables                 CreateVariable -> 201 VariableState
   PUT    /v1/variables/{id}            SetVariable -> VariableState
   GET    /v1/variables/{id}            ?perf=latency|throughput&timeout=SECONDS -> VariableState
@@ -46,6 +47,7 @@ from parrot_actors.server.metrics import Metrics
 from parrot_actors.server.protocol import (
     CallAccepted,
     CallEvents,
+    CallsAccepted,
     CancelResult,
     CreateSession,
     CreateVariable,
@@ -53,6 +55,7 @@ from parrot_actors.server.protocol import (
     SessionCreated,
     SetVariable,
     SubmitCall,
+    SubmitCalls,
     TokenEvent,
     VariableState,
 )
@@ -80,6 +83,7 @@ class ParrotAPI:
             web.post("/v1/sessions", self.create_session),
             web.delete("/v1/session", self.delete_session),
             web.post("/v1/calls", self.submit),
+            web.post("/v1/calls/batch", self.submit_batch),
             web.post("/v1/variables", self.create_variable),
             web.put("/v1/variables/{id}", self.set_variable),
             web.get("/v1/variables/{id}", self.get_variable),
@@ -116,20 +120,38 @@ class ParrotAPI:
         """POST /v1/calls."""
         async with self.sessions.use(request) as s:
             req = await read_body(request, SubmitCall, self.config.max_body_bytes)
-            s.check_can_submit()
-            prepared = build_call(s, req)
-            if len(s.variables) + len(prepared.new_vars) > self.config.max_variables:
-                raise TooManyPendingError(
-                    f"the call would take the session over {self.config.max_variables} variables"
-                )
-            prepared.call.program = program_of(s.id)  # a session's calls are one program
-            self.runtime.submit(prepared.call)
-            for var_id, var in prepared.new_vars.items():
-                s.register(var_id, var, delivered=var_id in prepared.inline)
-            s.add_call(prepared.call)
-            return json_response(
-                CallAccepted(call_id=prepared.call.id, outputs=prepared.outputs), status=201
+            return json_response(self._take(s, req), status=201)
+
+    async def submit_batch(self, request: web.Request) -> web.Response:
+        """POST /v1/calls/batch: the calls in order, as many POST /v1/calls. A refused call
+        ends the batch: 207 with the calls taken before it and its error (the session keeps
+        serving; the client resends the rest)."""
+        async with self.sessions.use(request) as s:
+            req = await read_body(request, SubmitCalls, self.config.max_body_bytes)
+            accepted: list[CallAccepted] = []
+            for call in req.calls:
+                try:
+                    accepted.append(self._take(s, call))
+                except ParrotError as exc:
+                    body = CallsAccepted(accepted=accepted, error=error_body(exc))
+                    return json_response(body, status=207)
+            return json_response(CallsAccepted(accepted=accepted), status=201)
+
+    def _take(self, s: Session, req: SubmitCall) -> CallAccepted:
+        """Build `req`, put it in the graph and in session `s`. Raises the `ParrotError` that
+        refuses it (bad template or args, too many pending calls or variables)."""
+        s.check_can_submit()
+        prepared = build_call(s, req)
+        if len(s.variables) + len(prepared.new_vars) > self.config.max_variables:
+            raise TooManyPendingError(
+                f"the call would take the session over {self.config.max_variables} variables"
             )
+        prepared.call.program = program_of(s.id)  # a session's calls are one program
+        self.runtime.submit(prepared.call)
+        for var_id, var in prepared.new_vars.items():
+            s.register(var_id, var, delivered=var_id in prepared.inline)
+        s.add_call(prepared.call)
+        return CallAccepted(call_id=prepared.call.id, outputs=prepared.outputs)
 
     # ---- variables --------------------------------------------------------------------------
 

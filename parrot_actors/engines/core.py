@@ -531,6 +531,7 @@ class EngineCore:
             rows,
             logits,
         )
+        greedy = self._greedy_tokens(plan, rows, logits)
         for req, _ in plan.items:
             if req.done:
                 continue
@@ -542,7 +543,32 @@ class EngineCore:
             if req.kind == "fill":
                 self._finish_fill(req)
                 continue
-            self._sample_safely(req, last, masked.get(id(req)))
+            self._sample_safely(req, last, masked.get(id(req)), greedy.get(id(req)))
+
+    def _greedy_tokens(
+        self, plan: StepPlan, rows: dict[int, int], logits: torch.Tensor
+    ) -> dict[int, int]:
+        """The next token of every greedy, unconstrained generate request of the step (by
+        request id; -1 where its logits hold NaN), from one argmax and one NaN check over their
+        rows of `logits` `[rows, vocab]` and one host transfer, instead of two reductions and
+        two transfers per request. Same tokens as `sample`: argmax picks the lowest id on ties
+        either way. Empty when fewer than two requests qualify."""
+        reqs = [
+            r
+            for r, _ in plan.items
+            if not r.done
+            and r.kind == "generate"
+            and r.matcher is None
+            and r.sampling is not None
+            and r.sampling.temperature == 0.0
+            and id(r) in rows
+        ]
+        if len(reqs) < 2:
+            return {}
+        sub = logits[[rows[id(r)] for r in reqs]]  # [greedy rows, vocab]
+        nan = torch.isnan(sub).any(dim=1)
+        tokens = torch.where(nan, -1, sub.argmax(dim=1)).tolist()
+        return {id(r): t for r, t in zip(reqs, tokens)}
 
     def _masked_rows(
         self, reqs: list[Request], rows: dict[int, int], logits: torch.Tensor
@@ -577,12 +603,16 @@ class EngineCore:
         )
 
     def _sample_safely(
-        self, req: Request, logits: torch.Tensor, masked: torch.Tensor | None = None
+        self,
+        req: Request,
+        logits: torch.Tensor,
+        masked: torch.Tensor | None = None,
+        chosen: int | None = None,
     ) -> None:
         """`_sample_into`, with any failure (sampling, grammar, stop strings, detokenization,
         the token callback) failing this request only."""
         try:
-            self._sample_into(req, logits, masked)
+            self._sample_into(req, logits, masked, chosen)
         except Exception as exc:
             if req.done:
                 return
@@ -594,17 +624,27 @@ class EngineCore:
             )
 
     def _sample_into(
-        self, req: Request, logits: torch.Tensor, masked: torch.Tensor | None = None
+        self,
+        req: Request,
+        logits: torch.Tensor,
+        masked: torch.Tensor | None = None,
+        chosen: int | None = None,
     ) -> None:
         """Sample the next token of `req` from `logits` `[vocab]` (from `masked`, its grammar's
-        mask applied, for a constrained request; masked here when the caller has not), and
-        advance the request. The context keeps the unmasked logits."""
+        mask applied, for a constrained request; masked here when the caller has not), or take
+        `chosen` (the step's batched greedy pick; -1: the logits hold NaN), and advance the
+        request. The context keeps the unmasked logits. Raises `SamplingError`."""
         sp, detok = req.sampling, req.detok
         assert sp is not None and detok is not None, "a generate request has both"
         if req.matcher is not None and masked is None:
             masked = self.grammars.masked(logits[None], [req.matcher])[0]
         pick = logits if masked is None else masked
-        token = sample(pick, sp, req.generator)
+        if chosen is None:
+            token = sample(pick, sp, req.generator)
+        elif chosen < 0:
+            raise SamplingError("the model's logits contain NaN")
+        else:
+            token = chosen
         grammar_done = False
         if req.matcher is not None:
             if not req.matcher.consume_token(token):

@@ -147,7 +147,12 @@ async def main() -> None:
             }
         )
     await engine.close()
-    peer = _peer(args.peer_python, tok, cells, args.repeats) if args.peer_python else {}
+    peer: dict[str, float] = {}
+    if args.peer_python:
+        try:
+            peer = _peer(args.peer_python, tok, cells, args.repeats)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            print(f"the peer run failed; its column is left out:\n{exc}", file=sys.stderr)
     for r in rows:
         r["vllm"] = peer.get(f"{r['kind']}/{r['size']}")
     print(
@@ -203,7 +208,7 @@ def _peer(
     finally:
         Path(f.name).unlink()
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-12000:]}")
     last = [x for x in done.stdout.splitlines() if x.startswith("{")][-1]
     return {k: float(v) for k, v in json.loads(last).items()}
 

@@ -36,6 +36,23 @@ VALID = {
         "args": {"x": {"value": "hi"}, "y": {"sampling": {"max_tokens": 8}}},
         "variables": [{"id": "n1", "value": "v"}],
     },
+    ("POST", "/v1/calls/batch"): {
+        "calls": [
+            {
+                "template": "Q {{input:x}} A {{output:y}}",
+                "args": {"x": {"var": "n2"}, "y": {"var": "o2", "sampling": {"max_tokens": 8}}},
+                "variables": [{"id": "n2", "value": "v"}],
+            },
+            {
+                "template": "R {{input:x}} A {{output:y}}",
+                "args": {"x": {"var": "o2"}, "y": {"sampling": {"max_tokens": 8}}},
+            },
+        ]
+    },
+    ("POST", "/v1/parrot/render_chat"): {
+        "model": "echo",
+        "conversations": [[{"role": "user", "content": "hi"}]],
+    },
     ("POST", "/v1/variables"): {"id": "f1", "value": "v"},
     ("PUT", "/v1/variables/{id}"): {"value": "v"},
     ("GET", "/v1/variables/{id}"): None,

@@ -286,9 +286,7 @@ class RemoteRuntime(CurrentRuntime):
         try:
             accepted = await self._request("POST", "/v1/calls", req, type_=CallAccepted)
         except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            err = CallError(f"{call.function_name}#{call.id}: the service refused it: {exc}")
-            err.__cause__ = exc
-            self._fail_call(call, err)
+            self._refused(call, exc)
             return
         self._accepted(call, req, accepted)
 
@@ -333,21 +331,21 @@ class RemoteRuntime(CurrentRuntime):
             )
         except (ParrotError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             for call, _ in sent:
-                err = CallError(f"{call.function_name}#{call.id}: the service refused it: {exc}")
-                err.__cause__ = exc
-                self._fail_call(call, err)
+                self._refused(call, exc)
             return rest
         for (call, req), accepted in zip(sent, answer.accepted):
             self._accepted(call, req, accepted)
         taken = len(answer.accepted)
         if answer.error is not None and taken < len(sent):
-            call = sent[taken][0]
-            why = exception_from(answer.error)
-            err = CallError(f"{call.function_name}#{call.id}: the service refused it: {why}")
-            err.__cause__ = why
-            self._fail_call(call, err)
+            self._refused(sent[taken][0], exception_from(answer.error))
             return [c for c, _ in sent[taken + 1 :]] + rest
         return rest
+
+    def _refused(self, call: SemanticCall, exc: BaseException) -> None:
+        """`call` did not reach the graph: it fails with `CallError` chained to `exc`."""
+        err = CallError(f"{call.function_name}#{call.id}: the service refused it: {exc}")
+        err.__cause__ = exc
+        self._fail_call(call, err)
 
     def _fail_call(self, call: SemanticCall, err: CallError) -> None:
         advance(call, CallState.FAILED)

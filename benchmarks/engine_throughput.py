@@ -1,7 +1,9 @@
 """Engine throughput against transformers' `generate` (and a peer engine), same model, dtype
 and threads, beside the machine's roofline.
 
-Prints one table: decode tokens/s at batch 1, 8 and 32 (64 new tokens per sequence from
+Prints one table: parrot_actors as shipped (`EngineConfig.compile` default: the packed CPU
+kernels) and eager (`compile=False`, torch's own linear), transformers, and optionally vLLM:
+decode tokens/s at batch 1, 8 and 32 (64 new tokens per sequence from
 ~32-token prompts, prefill included on both sides), and prefill tokens/s for 512- and
 2048-token prompts, each with its % of the roofline bound (benchmarks/roofline.py: the
 machine's read bandwidth and fp32 GEMM rate, measured first). `--peer-python PATH` runs the
@@ -114,6 +116,9 @@ async def main() -> None:
     machine = measure()
 
     engine = await Engine.start(EngineConfig(max_batch_tokens=2048, prefix_caching=False))
+    eager = await Engine.start(
+        EngineConfig(name="eager", max_batch_tokens=2048, prefix_caching=False, compile=False)
+    )
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
     tok = engine.tokenizer
     shape = ModelShape(
@@ -125,28 +130,33 @@ async def main() -> None:
     cells = [("decode", b) for b in (1, 8, 32)] + [("prefill", n) for n in (512, 2048)]
     rows = []
     for kind, size in tqdm(cells, desc="benchmark"):
-        if kind == "decode":
-            ours_fn = lambda size=size: ours_decode(engine, size)  # noqa: E731
-            hf_fn = lambda size=size: hf_decode(model, tok, size)  # noqa: E731
-        else:
-            ours_fn = lambda size=size: ours_prefill(engine, size)  # noqa: E731
-            hf_fn = lambda size=size: hf_prefill(model, tok, size)  # noqa: E731
-        await ours_fn()  # warm-up
+        run = ours_decode if kind == "decode" else ours_prefill
+        hf_run = hf_decode if kind == "decode" else hf_prefill
+        hf_fn = lambda size=size, f=hf_run: f(model, tok, size)  # noqa: E731
+        await run(engine, size)  # warm-up
+        await run(eager, size)
         hf_fn()
-        ours = statistics.median([await ours_fn() for _ in range(args.repeats)])
-        hf = statistics.median([hf_fn() for _ in range(args.repeats)])
+        # Interleaved, so a change in the machine's speed during the run hits all columns alike.
+        ours_s, eager_s, hf_s = [], [], []
+        for _ in range(args.repeats):
+            ours_s.append(await run(engine, size))
+            eager_s.append(await run(eager, size))
+            hf_s.append(hf_fn())
+        ours, hf = statistics.median(ours_s), statistics.median(hf_s)
         bound = (decode_bound if kind == "decode" else prefill_bound)(shape, machine, size)
         rows.append(
             {
                 "kind": kind,
                 "size": size,
                 "ours": ours,
+                "eager": statistics.median(eager_s),
                 "transformers": hf,
                 "ratio": ours / hf,
                 "roofline": bound,
             }
         )
     await engine.close()
+    await eager.close()
     peer: dict[str, float] = {}
     if args.peer_python:
         try:
@@ -161,7 +171,7 @@ async def main() -> None:
         f"read {machine.read_gb_s:.1f} GB/s, fp32 GEMM {machine.gemm_gflop_s:.0f} GFLOP/s; "
         f"SmolLM2-135M-Instruct float32 ({shape.params / 1e6:.1f}M parameters)"
     )
-    head = f"{'measure':<28}{'roofline':>10}{'parrot_actors':>22}{'transformers':>22}"
+    head = f"{'measure':<28}{'roofline':>10}{'parrot_actors':>22}{'eager':>22}{'transformers':>22}"
     print(head + (f"{'vLLM':>22}" if peer else "") + f"{'ours/hf':>9}")
     for r in rows:
         label = (
@@ -171,7 +181,7 @@ async def main() -> None:
         )
         cells_text = "".join(
             _cell(r[k], r["roofline"])
-            for k in ("ours", "transformers") + (("vllm",) if peer else ())
+            for k in ("ours", "eager", "transformers") + (("vllm",) if peer else ())
         )
         print(f"{label:<28}{r['roofline']:>10.1f}{cells_text}{r['ratio']:>8.2f}x")
     if args.json:

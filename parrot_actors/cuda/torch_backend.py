@@ -190,26 +190,37 @@ def gather_blocks(
     """
     rows, nb = blocks.shape
     _, _, bs, kvh, hd = kv_cache.shape
-    kv = kv_cache.index_select(0, blocks.reshape(-1)).view(rows, nb, 2, bs, kvh, hd)
-    k = kv[:, :, 0].reshape(rows, nb * bs, kvh, hd)
-    v = kv[:, :, 1].reshape(rows, nb * bs, kvh, hd)
+    # One gather per tensor straight into its final layout, from the contiguous view with K
+    # and V of block b at rows 2b and 2b + 1: gathering K and V together needs a second copy to
+    # split them, and gathering from the strided `kv_cache[:, 0]` runs at a third of the speed
+    # (each measured ~15% of a batch-32 decode step on the CPU).
+    halves = kv_cache.view(-1, bs, kvh, hd)  # [num_blocks * 2, block_size, kvh, head_dim]
+    k_rows = blocks.reshape(-1) * 2
+    k = halves.index_select(0, k_rows).view(rows, nb * bs, kvh, hd)
+    v = halves.index_select(0, k_rows + 1).view(rows, nb * bs, kvh, hd)
     return k, v
 
 
 def write_kv_flat(
-    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_slots: torch.Tensor
 ) -> None:
-    """Store the step's new K/V in a layer's cache, one `index_copy_` per tensor.
+    """Store the step's new K/V in a layer's cache with one `index_copy_`.
 
     kv_cache: `[num_blocks, 2, block_size, num_kv_heads, head_dim]`; k, v: `[num_tokens,
-    num_kv_heads, head_dim]`. k_slots: `[num_tokens]` rows of `kv_cache.view(-1, num_kv_heads,
-    head_dim)` that hold each token's K, i.e. `(block * 2) * block_size + offset`; V sits
-    `block_size` rows later.
+    num_kv_heads, head_dim]`. kv_slots: `[2 * num_tokens]` rows of `kv_cache.view(-1,
+    num_kv_heads, head_dim)`: each token's K row, `(block * 2) * block_size + offset`, then
+    each token's V row, `block_size` later (`kv_slot_rows`).
     """
-    bs = kv_cache.shape[2]
     flat = kv_cache.view(-1, kv_cache.shape[3], kv_cache.shape[4])
-    flat.index_copy_(0, k_slots, k.to(kv_cache.dtype))
-    flat.index_copy_(0, k_slots + bs, v.to(kv_cache.dtype))
+    flat.index_copy_(0, kv_slots, torch.cat([k, v]).to(kv_cache.dtype))
+
+
+def kv_slot_rows(layout: BatchLayout, device: torch.device) -> torch.Tensor:
+    """`[2 * num_tokens]` rows of the flat cache for the step's new K then V (`write_kv_flat`)."""
+    blocks, offsets = slot_mapping(layout)
+    bs = layout.block_size
+    k_rows = [b * 2 * bs + o for b, o in zip(blocks, offsets)]
+    return torch.tensor(k_rows + [r + bs for r in k_rows], dtype=torch.long, device=device)
 
 
 def slot_mapping(layout: BatchLayout) -> tuple[list[int], list[int]]:

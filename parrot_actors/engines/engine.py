@@ -38,6 +38,7 @@ import torch
 from parrot_actors.cuda.backend import make_backend
 from parrot_actors.engines.api import EngineClient, TokenizerMethods
 from parrot_actors.engines.core import EngineCore, FinishCallback, Request
+from parrot_actors.engines.cpu_kernels import kernel_status, load_kernels
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.model_loader import DEFAULT_MODEL, load_model, random_model
 from parrot_actors.errors import EngineDiedError, EngineError, InvalidRequestError
@@ -54,7 +55,14 @@ log = logging.getLogger("parrot_actors.engine")
 
 T = TypeVar("T")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    # Weight-only int8: matmul weights int8 with per-column scales (the packed CPU kernel),
+    # everything else (embeddings, norms, KV cache, activations) float32.
+    "int8": torch.float32,
+}
 
 MAX_RESTART_BACKOFF_S = 30.0
 """Longest wait before rebuilding a core that keeps failing (seconds)."""
@@ -70,7 +78,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     model: "default" (the embedded SmolLM2-135M-Instruct) or a local Hugging Face folder.
     random_model: LlamaConfig fields for a random-weight model (tests, speed benchmarks);
     overrides `model`, weights seeded by `seed`. device: "cpu", "cuda", "cuda:N".
-    dtype: "float32" (CPU default), "bfloat16", "float16". attention: "auto" (FlashInfer on
+    dtype: "float32" (CPU default), "bfloat16", "float16", or "int8" (CPU only: weight-only
+    int8 matmul weights through the packed kernel, the rest float32; README "Engine speed"
+    gives its speed and perplexity cost; needs the kernels, so `compile` may not be False).
+    attention: "auto" (FlashInfer on
     CUDA when installed, else torch), "torch", "flashinfer". block_size: tokens per KV block.
     kv_cache_bytes: memory budget of the KV cache (sets the number of blocks).
     max_batch_tokens: new tokens per step (prefill chunk budget). max_running: sequences per
@@ -91,6 +102,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     generator) makes each of those waits up to 5 ms: decode measured 30-50x slower, the
     20-60 s stalls of in-process scenario runs. 0.5 ms cuts that ~5x and costs nothing
     measurable when nothing competes (README, "Robustness").
+    compile: run every matmul through the engine's packed CPU kernel (`cpu_kernels`; built
+    with the system C++ compiler once per machine, ~20 s, cached on disk). None (default): on
+    for CPU float32 models with hidden_size >= 256 when the build succeeds (off for the tiny
+    test models, where dispatch dominates and the build would only cost time); True: required
+    (`EngineError` when the device, dtype or build rules it out); False: torch's linear.
     """
 
     name: str = "engine0"
@@ -110,6 +126,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     num_threads: int | None = None
     restart_backoff_s: float = 1.0
     gil_switch_interval_s: float | None = 0.0005
+    compile: bool | None = None
 
     def validate(self) -> EngineConfig:
         """Return self, or raise `InvalidRequestError` naming the bad field."""
@@ -159,7 +176,14 @@ def build_core(config: EngineConfig) -> EngineCore:
         device=device,
         dtype=dtype,
     )
-    runner = LlamaRunner(loaded, device, dtype, backend)
+    runner = LlamaRunner(
+        loaded,
+        device,
+        dtype,
+        backend,
+        kernels=_use_kernels(config, device, dtype, cfg),
+        int8=config.dtype == "int8",
+    )
     num_blocks = config.kv_cache_bytes // runner.kv_bytes_per_block(config.block_size)
     if num_blocks < 1:
         from parrot_actors.errors import CapacityError
@@ -181,6 +205,38 @@ def build_core(config: EngineConfig) -> EngineCore:
         name=config.name,
         model_name=loaded.name,
     )
+
+
+COMPILE_MIN_HIDDEN = 256
+"""Smallest hidden size for which `EngineConfig.compile=None` turns the packed kernels on."""
+
+
+def _use_kernels(config: EngineConfig, device: torch.device, dtype: torch.dtype, cfg: Any) -> bool:
+    """Resolve `config.compile` (see EngineConfig); builds the kernels when they are wanted.
+    Raises `EngineError` when they are required (compile=True, dtype="int8") but ruled out."""
+    if config.dtype == "int8":
+        if config.compile is False or device.type != "cpu":
+            raise EngineError(
+                f"dtype='int8' runs the packed CPU kernels: needs device='cpu' and compile "
+                f"None or True, not device={config.device!r}, compile={config.compile!r}"
+            )
+        if not load_kernels():
+            raise EngineError(f"dtype='int8': CPU kernels {kernel_status()}")
+        return True
+    if config.compile is False:
+        return False
+    fits = device.type == "cpu" and dtype == torch.float32
+    if config.compile is None and not (fits and int(cfg.hidden_size) >= COMPILE_MIN_HIDDEN):
+        return False
+    if not fits:
+        raise EngineError(
+            f"compile=True: the packed kernels run on cpu/float32, not {device}/{config.dtype}"
+        )
+    if load_kernels():
+        return True
+    if config.compile:
+        raise EngineError(f"compile=True: CPU kernels {kernel_status()}")
+    return False
 
 
 def _throughput_step_tokens(config: EngineConfig, device: torch.device) -> int | None:

@@ -5,7 +5,8 @@ RMSNorm, rotary position embedding (inv_freq and scaling from transformers' own
 grouped-query attention through an `AttentionBackend`, SwiGLU MLP, tied or separate LM head.
 Source: Touvron et al., "Llama 2" (2023) §2; the transformers `modeling_llama` reference.
 Weights are taken from a Hugging Face state dict; q/k/v and gate/up projections are fused so a
-layer does three matmuls instead of seven.
+layer does three matmuls instead of seven. With `kernels=True` (CPU, float32) every matmul runs
+the engine's packed kernel (`cpu_kernels.packed_linear`) over weights packed once at load.
 """
 
 from __future__ import annotations
@@ -15,30 +16,58 @@ import torch.nn.functional as F
 
 from parrot_actors.cuda.backend import AttentionBackend
 from parrot_actors.cuda.layout import BatchLayout
-from parrot_actors.cuda.torch_backend import slot_mapping, write_kv_flat
+from parrot_actors.cuda.torch_backend import kv_slot_rows, write_kv_flat
+from parrot_actors.engines.cpu_kernels import (
+    PackedWeight,
+    pack_weight,
+    pack_weight_int8,
+    packed_linear,
+)
 from parrot_actors.engines.model_loader import LoadedModel
+from parrot_actors.errors import EngineError
+
+Weight = torch.Tensor | PackedWeight
+"""A matmul weight: `[out_features, in_features]`, or the same packed for the CPU kernel."""
+
+
+def _linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """`x @ w.T`: x `[num_tokens, in_features]` -> `[num_tokens, out_features]`."""
+    return packed_linear(x, w) if isinstance(w, PackedWeight) else F.linear(x, w)
 
 
 class _Layer:
-    """One decoder layer's weights (on the runner's device and dtype)."""
+    """One decoder layer's weights (on the runner's device and dtype; matmul weights packed
+    for the CPU kernel when `packed`, quantized to int8 and packed when `int8`)."""
 
     def __init__(
-        self, sd: dict[str, torch.Tensor], prefix: str, dev: torch.device, dtype: torch.dtype
+        self,
+        sd: dict[str, torch.Tensor],
+        prefix: str,
+        dev: torch.device,
+        dtype: torch.dtype,
+        packed: bool,
+        int8: bool,
     ) -> None:
         def w(name: str) -> torch.Tensor:
             return sd[prefix + name].to(device=dev, dtype=dtype)
 
+        def mat(t: torch.Tensor) -> Weight:
+            return pack_weight_int8(t) if int8 else pack_weight(t) if packed else t
+
         # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]
-        self.qkv = torch.cat(
-            [
-                w("self_attn.q_proj.weight"),
-                w("self_attn.k_proj.weight"),
-                w("self_attn.v_proj.weight"),
-            ]
+        self.qkv = mat(
+            torch.cat(
+                [
+                    w("self_attn.q_proj.weight"),
+                    w("self_attn.k_proj.weight"),
+                    w("self_attn.v_proj.weight"),
+                ]
+            )
         )
-        self.o = w("self_attn.o_proj.weight")  # [hidden, num_heads * head_dim]
-        self.gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])  # [2*I, H]
-        self.down = w("mlp.down_proj.weight")  # [hidden, intermediate]
+        self.o = mat(w("self_attn.o_proj.weight"))  # [hidden, num_heads * head_dim]
+        # [2 * intermediate, hidden]
+        self.gate_up = mat(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
+        self.down = mat(w("mlp.down_proj.weight"))  # [hidden, intermediate]
         self.norm1 = w("input_layernorm.weight")  # [hidden]
         self.norm2 = w("post_attention_layernorm.weight")  # [hidden]
 
@@ -47,7 +76,10 @@ class LlamaRunner:
     """Runs Llama forward passes for one engine step at a time.
 
     Attributes: num_layers, num_heads, num_kv_heads, head_dim, vocab_size, max_len (the
-    config's max_position_embeddings, in tokens), eos_token_ids.
+    config's max_position_embeddings, in tokens), eos_token_ids, kernels (whether matmuls run
+    the packed CPU kernel), int8 (whether their weights are weight-only int8). `kernels=True`
+    needs a CPU device, float32 and `cpu_kernels.load_kernels()` to have succeeded, `int8=True`
+    needs `kernels=True`; raises `EngineError` otherwise.
     """
 
     def __init__(
@@ -56,12 +88,19 @@ class LlamaRunner:
         device: torch.device,
         dtype: torch.dtype,
         backend: AttentionBackend,
+        kernels: bool = False,
+        int8: bool = False,
     ) -> None:
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         cfg = loaded.config
         sd = loaded.state_dict
         self.device, self.dtype, self.backend = device, dtype, backend
+        if (kernels or int8) and (device.type != "cpu" or dtype != torch.float32):
+            raise EngineError(f"the packed CPU kernels need cpu/float32, not {device}/{dtype}")
+        if int8 and not kernels:
+            raise EngineError("int8 weights run only in the packed CPU kernels (kernels=True)")
+        self.kernels, self.int8 = kernels, int8
         self.num_layers = int(cfg.num_hidden_layers)
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(cfg.num_key_value_heads or self.num_heads)
@@ -72,10 +111,16 @@ class LlamaRunner:
         self.eps = float(cfg.rms_norm_eps)
         self.embed = sd["model.embed_tokens.weight"].to(device=device, dtype=dtype)  # [V, H]
         head = sd.get("lm_head.weight")
-        self.lm_head = self.embed if head is None else head.to(device=device, dtype=dtype)
+        lm_head = self.embed if head is None else head.to(device=device, dtype=dtype)
+        # [vocab, hidden]; packed, a tied head is a second copy of the embedding (~113 MB for
+        # the default model), the price of the kernel's layout.
+        self.lm_head: Weight = (
+            pack_weight_int8(lm_head) if int8 else pack_weight(lm_head) if kernels else lm_head
+        )
         self.final_norm = sd["model.norm.weight"].to(device=device, dtype=dtype)  # [hidden]
         self.layers = [
-            _Layer(sd, f"model.layers.{i}.", device, dtype) for i in range(self.num_layers)
+            _Layer(sd, f"model.layers.{i}.", device, dtype, kernels, int8)
+            for i in range(self.num_layers)
         ]
         rotary = LlamaRotaryEmbedding(cfg)
         pos = torch.arange(self.max_len, dtype=torch.float32)
@@ -134,11 +179,7 @@ class LlamaRunner:
         dev = self.device
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)  # [T]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
-        blocks, offsets = slot_mapping(layout)
-        bs = layout.block_size
-        k_slots = torch.tensor(
-            [b * 2 * bs + o for b, o in zip(blocks, offsets)], dtype=torch.long, device=dev
-        )  # [T] rows of the flat cache
+        kv_slots = kv_slot_rows(layout, dev)  # [2T] rows of the flat cache
         self.backend.plan(layout)
         cos = self.cos[pos][:, None, :]  # [T, 1, head_dim]
         sin = self.sin[pos][:, None, :]
@@ -146,17 +187,17 @@ class LlamaRunner:
         x = self.embed[ids]  # [T, hidden]
         for layer, cache in zip(self.layers, kv_caches):
             h = self._rms(x, layer.norm1)
-            qkv = F.linear(h, layer.qkv)  # [T, (n_q + 2 n_kv) * hd]
+            qkv = _linear(h, layer.qkv)  # [T, (n_q + 2 n_kv) * hd]
             qk, v = torch.split(qkv, [(n_q + n_kv) * hd, n_kv * hd], dim=-1)
             # One rotary pass over q and k heads together: half the small ops per layer.
             qk = self._rope(qk.view(-1, n_q + n_kv, hd), cos, sin)  # [T, n_q + n_kv, hd]
             q, k = torch.split(qk, [n_q, n_kv], dim=1)  # [T, n_q, hd], [T, n_kv, hd]
-            write_kv_flat(cache, k, v.view(-1, n_kv, hd), k_slots)
+            write_kv_flat(cache, k, v.view(-1, n_kv, hd), kv_slots)
             attn = self.backend.forward(q, cache)  # [T, n_q, hd]
-            x = x + F.linear(attn.reshape(-1, n_q * hd), layer.o)
+            x = x + _linear(attn.reshape(-1, n_q * hd), layer.o)
             h = self._rms(x, layer.norm2)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)  # [T, intermediate] each
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = _linear(h, layer.gate_up).chunk(2, dim=-1)  # [T, intermediate] each
+            x = x + _linear(F.silu(gate) * up, layer.down)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
         h = self._rms(x[rows], self.final_norm)  # [R, hidden]
-        return F.linear(h, self.lm_head).float()  # [R, vocab]
+        return _linear(h, self.lm_head).float()  # [R, vocab]

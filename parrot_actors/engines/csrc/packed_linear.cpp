@@ -1,0 +1,206 @@
+// Small-M fp32 linear layer over a weight packed in 16-column panels: y = x @ W^T.
+//
+// Why: at decode batch sizes (M = 1..64 rows) the BLAS GEMM torch calls on the CPU runs far
+// below the machine's read bandwidth and FMA rate (README, "Engine speed"). This is the
+// register-blocked micro-kernel design of BLIS (Van Zee & van de Geijn, "BLIS: A Framework
+// for Rapidly Instantiating BLAS Functionality", TOMS 2015, section 3), also used by
+// PyTorch Inductor's CPU GEMM template: the weight is packed once as
+// [ceil(N / 16), K, 16] so each micro-kernel streams one contiguous panel while keeping a
+// MR x 16 tile of the output in registers.
+//
+// Shapes: x [M, K] float32 contiguous; wp [ceil(N / 16), K, 16] float32 contiguous;
+// returns y [M, N] float32.
+//
+// packed_linear_int8 is the weight-only int8 variant (symmetric, one scale per output column,
+// as in LLM.int8()'s vector-wise quantization without outliers, Dettmers et al. 2022 section
+// 3.1): wp int8 in the same panel layout, scales [ceil(N / 16) * 16] float32; the weights are
+// widened to float32 in registers, so the products are float32 and only the stored weight is
+// rounded. At batch 1 the step reads a quarter of the bytes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int NR = 16;  // output columns per panel (two 8-float AVX2 registers)
+constexpr int MR = 6;   // output rows per micro-tile: 12 accumulators + 2 weights + 1 input
+constexpr int64_t MC = 48;  // rows of x per chunk, so a chunk of x stays in L2
+
+template <int R>
+inline void tile(const float* __restrict x, int64_t ldx, const float* __restrict wp, int64_t K,
+                 float* __restrict y, int64_t ldy, int ncols) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 lo[R], hi[R];
+  _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
+    lo[m] = _mm256_setzero_ps();
+    hi[m] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(wp + k * NR);
+    const __m256 w1 = _mm256_loadu_ps(wp + k * NR + 8);
+    _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
+      const __m256 a = _mm256_broadcast_ss(x + m * ldx + k);
+      lo[m] = _mm256_fmadd_ps(a, w0, lo[m]);
+      hi[m] = _mm256_fmadd_ps(a, w1, hi[m]);
+    }
+  }
+  alignas(32) float acc[R][NR];
+  _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
+    _mm256_store_ps(acc[m], lo[m]);
+    _mm256_store_ps(acc[m] + 8, hi[m]);
+  }
+#else
+  // Portable path: fixed trip counts the compiler vectorizes for the machine it builds on.
+  float acc[R][NR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* __restrict wk = wp + k * NR;
+    for (int m = 0; m < R; ++m) {
+      const float a = x[m * ldx + k];
+      for (int j = 0; j < NR; ++j) acc[m][j] += a * wk[j];
+    }
+  }
+#endif
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < ncols; ++j) y[m * ldy + j] = acc[m][j];
+}
+
+template <int R>
+inline void tile_i8(const float* __restrict x, int64_t ldx, const int8_t* __restrict wp,
+                    int64_t K, const float* __restrict scale, float* __restrict y, int64_t ldy,
+                    int ncols) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 lo[R], hi[R];
+  _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
+    lo[m] = _mm256_setzero_ps();
+    hi[m] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m128i w8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR));
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w8));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w8, 8)));
+    _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
+      const __m256 a = _mm256_broadcast_ss(x + m * ldx + k);
+      lo[m] = _mm256_fmadd_ps(a, w0, lo[m]);
+      hi[m] = _mm256_fmadd_ps(a, w1, hi[m]);
+    }
+  }
+  alignas(32) float acc[R][NR];
+  _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
+    _mm256_store_ps(acc[m], lo[m]);
+    _mm256_store_ps(acc[m] + 8, hi[m]);
+  }
+#else
+  float acc[R][NR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* __restrict wk = wp + k * NR;
+    for (int m = 0; m < R; ++m) {
+      const float a = x[m * ldx + k];
+      for (int j = 0; j < NR; ++j) acc[m][j] += a * static_cast<float>(wk[j]);
+    }
+  }
+#endif
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < ncols; ++j) y[m * ldy + j] = acc[m][j] * scale[j];
+}
+
+// One panel's output rows [m0, m1): full MR-row tiles, then one tile for the rest. `T` calls
+// the micro-kernel for a tile of R rows starting at row m.
+template <typename T>
+inline void rows(T&& t, int64_t m0, int64_t m1) {
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) t(std::integral_constant<int, MR>{}, m);
+  switch (m1 - m) {
+    case 5: t(std::integral_constant<int, 5>{}, m); break;
+    case 4: t(std::integral_constant<int, 4>{}, m); break;
+    case 3: t(std::integral_constant<int, 3>{}, m); break;
+    case 2: t(std::integral_constant<int, 2>{}, m); break;
+    case 1: t(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& wp, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "packed_linear: x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == NR && wp.scalar_type() == at::kFloat &&
+                  wp.is_contiguous() && wp.size(1) == x.size(1),
+              "packed_linear: wp must be a contiguous float32 [ceil(N/16), K, 16] tensor");
+  TORCH_CHECK(N > 0 && (N + NR - 1) / NR == wp.size(0), "packed_linear: N does not match wp");
+  const int64_t M = x.size(0), K = x.size(1), nb = wp.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* w = wp.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Threads split the output columns, so each reads its own part of the weight once per chunk.
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t m1 = std::min(M, m0 + MC);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int ncols = static_cast<int>(std::min<int64_t>(NR, N - b * NR));
+        const float* wb = w + b * K * NR;
+        float* yb = yp + b * NR;
+        rows(
+            [&](auto r, int64_t m) {
+              tile<decltype(r)::value>(xp + m * K, K, wb, K, yb + m * N, N, ncols);
+            },
+            m0, m1);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& wp,
+                              const at::Tensor& scales, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "packed_linear_int8: x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == NR && wp.scalar_type() == at::kChar &&
+                  wp.is_contiguous() && wp.size(1) == x.size(1),
+              "packed_linear_int8: wp must be a contiguous int8 [ceil(N/16), K, 16] tensor");
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat &&
+                  scales.is_contiguous() && scales.size(0) == wp.size(0) * NR,
+              "packed_linear_int8: scales must be a contiguous float32 [ceil(N/16) * 16] tensor");
+  TORCH_CHECK(N > 0 && (N + NR - 1) / NR == wp.size(0), "packed_linear_int8: N does not match wp");
+  const int64_t M = x.size(0), K = x.size(1), nb = wp.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* w = wp.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t m1 = std::min(M, m0 + MC);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int ncols = static_cast<int>(std::min<int64_t>(NR, N - b * NR));
+        const int8_t* wb = w + b * K * NR;
+        const float* sb = sp + b * NR;
+        float* yb = yp + b * NR;
+        rows(
+            [&](auto r, int64_t m) {
+              tile_i8<decltype(r)::value>(xp + m * K, K, wb, K, sb, yb + m * N, N, ncols);
+            },
+            m0, m1);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(parrot_kernels, m) {
+  m.def("packed_linear(Tensor x, Tensor wp, int n) -> Tensor");
+  m.def("packed_linear_int8(Tensor x, Tensor wp, Tensor scales, int n) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(parrot_kernels, CPU, m) {
+  m.impl("packed_linear", packed_linear);
+  m.impl("packed_linear_int8", packed_linear_int8);
+}

@@ -39,6 +39,7 @@ class _ModelOptions(TypedDict, total=False):
 
     random_model: dict[str, Any]
     kv_cache_bytes: int
+    compile: bool
 
 
 def engine_specs(args: argparse.Namespace) -> list[EngineConfig | EngineClient]:
@@ -56,6 +57,8 @@ def engine_specs(args: argparse.Namespace) -> list[EngineConfig | EngineClient]:
         extra["random_model"] = json.loads(args.random_model)
     if args.kv_cache_mb:
         extra["kv_cache_bytes"] = int(args.kv_cache_mb * (1 << 20))
+    if args.no_compile:
+        extra["compile"] = False
     return [
         EngineConfig(
             name=f"engine{i}", model=args.model, device=args.device, dtype=args.dtype, **extra
@@ -179,7 +182,16 @@ def _engine_options() -> argparse.ArgumentParser:
     )
     g.add_argument("--engines", type=int, default=1, help="engines of that model (default 1)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32, bfloat16, float16, or int8 (CPU: weight-only int8 matmul weights)",
+    )
+    g.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="torch's own matmuls instead of the engine's packed CPU kernel (built once, ~20 s)",
+    )
     g.add_argument("--kv-cache-mb", type=float, help="KV cache per engine, MiB (default 1024)")
     g.add_argument(
         "--random-model",

@@ -47,6 +47,17 @@ def test_help_explains_each_command(capsys):
         assert all(w in text for w in words), (command, text)
 
 
+def test_engine_flags_reach_the_engine_config():
+    args = cli.build_parser().parse_args(["serve", "--engines", "2", "--dtype", "int8"])
+    configs = cli.engine_specs(args)
+    assert [(c.name, c.dtype, c.compile) for c in configs] == [
+        ("engine0", "int8", None),
+        ("engine1", "int8", None),
+    ]
+    args = cli.build_parser().parse_args(["serve", "--no-compile"])
+    assert [(c.dtype, c.compile) for c in cli.engine_specs(args)] == [("float32", False)]
+
+
 def test_run_needs_an_async_main(tmp_path):
     app = tmp_path / "app.py"
     app.write_text("def main():\n    pass\n")

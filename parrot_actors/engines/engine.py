@@ -79,10 +79,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     random_model: LlamaConfig fields for a random-weight model (tests, speed benchmarks);
     overrides `model`, weights seeded by `seed`. device: "cpu", "cuda", "cuda:N".
     dtype: "float32" (CPU default), "bfloat16", "float16", or "int8" (CPU only: weight-only
-    int8 matmul weights through the packed kernel, the rest float32; README "Engine speed"
+    int8 matmul weights through the packed kernel, the rest float32; README "Measured"
     gives its speed and perplexity cost; needs the kernels, so `compile` may not be False).
-    attention: "auto" (FlashInfer on
-    CUDA when installed, else torch), "torch", "flashinfer". block_size: tokens per KV block.
+    attention: "auto" (FlashInfer on CUDA when installed, else torch), "torch", "flashinfer".
+    block_size: tokens per KV block.
     kv_cache_bytes: memory budget of the KV cache (sets the number of blocks).
     max_batch_tokens: new tokens per step (prefill chunk budget). max_running: sequences per
     step. throughput_step_tokens: most tokens of throughput work in a step while latency work

@@ -1,7 +1,7 @@
 // Small-M fp32 linear layer over a weight packed in 16-column panels: y = x @ W^T.
 //
 // Why: at decode batch sizes (M = 1..64 rows) the BLAS GEMM torch calls on the CPU runs far
-// below the machine's read bandwidth and FMA rate (README, "Engine speed"). This is the
+// below the machine's read bandwidth and FMA rate (README, "Measured"). This is the
 // register-blocked micro-kernel design of BLIS (Van Zee & van de Geijn, "BLIS: A Framework
 // for Rapidly Instantiating BLAS Functionality", TOMS 2015, section 3), also used by
 // PyTorch Inductor's CPU GEMM template: the weight is packed once as
@@ -21,7 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -33,9 +32,24 @@ constexpr int NR = 16;  // output columns per panel (two 8-float AVX2 registers)
 constexpr int MR = 6;   // output rows per micro-tile: 12 accumulators + 2 weights + 1 input
 constexpr int64_t MC = 48;  // rows of x per chunk, so a chunk of x stays in L2
 
-template <int R>
-inline void tile(const float* __restrict x, int64_t ldx, const float* __restrict wp, int64_t K,
-                 float* __restrict y, int64_t ldy, int ncols) {
+#if defined(__AVX2__) && defined(__FMA__)
+// Row k of a panel as two 8-float vectors (int8 weights widened in registers).
+inline void load_row(const float* wk, __m256& w0, __m256& w1) {
+  w0 = _mm256_loadu_ps(wk);
+  w1 = _mm256_loadu_ps(wk + 8);
+}
+
+inline void load_row(const int8_t* wk, __m256& w0, __m256& w1) {
+  const __m128i w8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wk));
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w8));
+  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w8, 8)));
+}
+#endif
+
+// y[R, ncols] = x[R, K] @ panel[K, ncols] (times scale[j] per column when scale is given).
+template <int R, typename W>
+inline void tile(const float* __restrict x, int64_t ldx, const W* __restrict wp, int64_t K,
+                 const float* __restrict scale, float* __restrict y, int64_t ldy, int ncols) {
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 lo[R], hi[R];
   _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
@@ -43,8 +57,8 @@ inline void tile(const float* __restrict x, int64_t ldx, const float* __restrict
     hi[m] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(wp + k * NR);
-    const __m256 w1 = _mm256_loadu_ps(wp + k * NR + 8);
+    __m256 w0, w1;
+    load_row(wp + k * NR, w0, w1);
     _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
       const __m256 a = _mm256_broadcast_ss(x + m * ldx + k);
       lo[m] = _mm256_fmadd_ps(a, w0, lo[m]);
@@ -60,46 +74,7 @@ inline void tile(const float* __restrict x, int64_t ldx, const float* __restrict
   // Portable path: fixed trip counts the compiler vectorizes for the machine it builds on.
   float acc[R][NR] = {};
   for (int64_t k = 0; k < K; ++k) {
-    const float* __restrict wk = wp + k * NR;
-    for (int m = 0; m < R; ++m) {
-      const float a = x[m * ldx + k];
-      for (int j = 0; j < NR; ++j) acc[m][j] += a * wk[j];
-    }
-  }
-#endif
-  for (int m = 0; m < R; ++m)
-    for (int j = 0; j < ncols; ++j) y[m * ldy + j] = acc[m][j];
-}
-
-template <int R>
-inline void tile_i8(const float* __restrict x, int64_t ldx, const int8_t* __restrict wp,
-                    int64_t K, const float* __restrict scale, float* __restrict y, int64_t ldy,
-                    int ncols) {
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 lo[R], hi[R];
-  _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
-    lo[m] = _mm256_setzero_ps();
-    hi[m] = _mm256_setzero_ps();
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const __m128i w8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR));
-    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w8));
-    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w8, 8)));
-    _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
-      const __m256 a = _mm256_broadcast_ss(x + m * ldx + k);
-      lo[m] = _mm256_fmadd_ps(a, w0, lo[m]);
-      hi[m] = _mm256_fmadd_ps(a, w1, hi[m]);
-    }
-  }
-  alignas(32) float acc[R][NR];
-  _Pragma("GCC unroll 8") for (int m = 0; m < R; ++m) {
-    _mm256_store_ps(acc[m], lo[m]);
-    _mm256_store_ps(acc[m] + 8, hi[m]);
-  }
-#else
-  float acc[R][NR] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    const int8_t* __restrict wk = wp + k * NR;
+    const W* __restrict wk = wp + k * NR;
     for (int m = 0; m < R; ++m) {
       const float a = x[m * ldx + k];
       for (int j = 0; j < NR; ++j) acc[m][j] += a * static_cast<float>(wk[j]);
@@ -107,36 +82,33 @@ inline void tile_i8(const float* __restrict x, int64_t ldx, const int8_t* __rest
   }
 #endif
   for (int m = 0; m < R; ++m)
-    for (int j = 0; j < ncols; ++j) y[m * ldy + j] = acc[m][j] * scale[j];
+    for (int j = 0; j < ncols; ++j) y[m * ldy + j] = scale ? acc[m][j] * scale[j] : acc[m][j];
 }
 
-// One panel's output rows [m0, m1): full MR-row tiles, then one tile for the rest. `T` calls
-// the micro-kernel for a tile of R rows starting at row m.
-template <typename T>
-inline void rows(T&& t, int64_t m0, int64_t m1) {
+// One panel's output rows [m0, m1): full MR-row tiles, then one tile for the rest.
+template <typename W>
+inline void panel_rows(const float* x, int64_t K, const W* wb, const float* sb, float* yb,
+                       int64_t N, int64_t m0, int64_t m1, int ncols) {
   int64_t m = m0;
-  for (; m + MR <= m1; m += MR) t(std::integral_constant<int, MR>{}, m);
+  for (; m + MR <= m1; m += MR) tile<MR>(x + m * K, K, wb, K, sb, yb + m * N, N, ncols);
+  const float* xm = x + m * K;
+  float* ym = yb + m * N;
   switch (m1 - m) {
-    case 5: t(std::integral_constant<int, 5>{}, m); break;
-    case 4: t(std::integral_constant<int, 4>{}, m); break;
-    case 3: t(std::integral_constant<int, 3>{}, m); break;
-    case 2: t(std::integral_constant<int, 2>{}, m); break;
-    case 1: t(std::integral_constant<int, 1>{}, m); break;
+    case 5: tile<5>(xm, K, wb, K, sb, ym, N, ncols); break;
+    case 4: tile<4>(xm, K, wb, K, sb, ym, N, ncols); break;
+    case 3: tile<3>(xm, K, wb, K, sb, ym, N, ncols); break;
+    case 2: tile<2>(xm, K, wb, K, sb, ym, N, ncols); break;
+    case 1: tile<1>(xm, K, wb, K, sb, ym, N, ncols); break;
     default: break;
   }
 }
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& wp, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "packed_linear: x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == NR && wp.scalar_type() == at::kFloat &&
-                  wp.is_contiguous() && wp.size(1) == x.size(1),
-              "packed_linear: wp must be a contiguous float32 [ceil(N/16), K, 16] tensor");
-  TORCH_CHECK(N > 0 && (N + NR - 1) / NR == wp.size(0), "packed_linear: N does not match wp");
-  const int64_t M = x.size(0), K = x.size(1), nb = wp.size(0);
+// y [M, N] = x [M, K] @ W^T over packed panels w [nb, K, NR]; scales [nb * NR] or nullptr.
+template <typename W>
+at::Tensor run(const at::Tensor& x, const W* w, const float* scales, int64_t nb, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* w = wp.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Threads split the output columns, so each reads its own part of the weight once per chunk.
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
@@ -144,53 +116,36 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& wp, int64_t N) {
       const int64_t m1 = std::min(M, m0 + MC);
       for (int64_t b = b0; b < b1; ++b) {
         const int ncols = static_cast<int>(std::min<int64_t>(NR, N - b * NR));
-        const float* wb = w + b * K * NR;
-        float* yb = yp + b * NR;
-        rows(
-            [&](auto r, int64_t m) {
-              tile<decltype(r)::value>(xp + m * K, K, wb, K, yb + m * N, N, ncols);
-            },
-            m0, m1);
+        const float* sb = scales ? scales + b * NR : nullptr;
+        panel_rows(xp, K, w + b * K * NR, sb, yp + b * NR, N, m0, m1, ncols);
       }
     }
   });
   return y;
 }
 
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& wp, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
+              ": x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == NR && wp.is_contiguous() && wp.size(1) == x.size(1),
+              op, ": wp must be a contiguous [ceil(N/16), K, 16] tensor");
+  TORCH_CHECK(N > 0 && (N + NR - 1) / NR == wp.size(0), op, ": N does not match wp");
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& wp, int64_t N) {
+  check_common("packed_linear", x, wp, N);
+  TORCH_CHECK(wp.scalar_type() == at::kFloat, "packed_linear: wp must be float32");
+  return run(x, wp.data_ptr<float>(), nullptr, wp.size(0), N);
+}
+
 at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& wp,
                               const at::Tensor& scales, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "packed_linear_int8: x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == NR && wp.scalar_type() == at::kChar &&
-                  wp.is_contiguous() && wp.size(1) == x.size(1),
-              "packed_linear_int8: wp must be a contiguous int8 [ceil(N/16), K, 16] tensor");
+  check_common("packed_linear_int8", x, wp, N);
+  TORCH_CHECK(wp.scalar_type() == at::kChar, "packed_linear_int8: wp must be int8");
   TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat &&
                   scales.is_contiguous() && scales.size(0) == wp.size(0) * NR,
               "packed_linear_int8: scales must be a contiguous float32 [ceil(N/16) * 16] tensor");
-  TORCH_CHECK(N > 0 && (N + NR - 1) / NR == wp.size(0), "packed_linear_int8: N does not match wp");
-  const int64_t M = x.size(0), K = x.size(1), nb = wp.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* w = wp.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-      const int64_t m1 = std::min(M, m0 + MC);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int ncols = static_cast<int>(std::min<int64_t>(NR, N - b * NR));
-        const int8_t* wb = w + b * K * NR;
-        const float* sb = sp + b * NR;
-        float* yb = yp + b * NR;
-        rows(
-            [&](auto r, int64_t m) {
-              tile_i8<decltype(r)::value>(xp + m * K, K, wb, K, sb, yb + m * N, N, ncols);
-            },
-            m0, m1);
-      }
-    }
-  });
-  return y;
+  return run(x, wp.data_ptr<int8_t>(), scales.data_ptr<float>(), wp.size(0), N);
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 """Engine throughput against transformers' `generate` (and a peer engine), same model, dtype
 and threads, beside the machine's roofline.
 
-Prints one table: parrot_actors as shipped (`EngineConfig.compile` default: the packed CPU
-kernels) and eager (`compile=False`, torch's own linear), transformers, and optionally vLLM:
+Prints one table: parrot_actors with the packed CPU kernels (`EngineConfig(compile=None)`)
+and eager (`compile=False`, torch's own linear), transformers, and optionally vLLM:
 decode tokens/s at batch 1, 8 and 32 (64 new tokens per sequence from
 ~32-token prompts, prefill included on both sides), and prefill tokens/s for 512- and
 2048-token prompts, each with its % of the roofline bound (benchmarks/roofline.py: the
@@ -115,7 +115,9 @@ async def main() -> None:
 
     machine = measure()
 
-    engine = await Engine.start(EngineConfig(max_batch_tokens=2048, prefix_caching=False))
+    engine = await Engine.start(
+        EngineConfig(max_batch_tokens=2048, prefix_caching=False, compile=None)
+    )
     eager = await Engine.start(
         EngineConfig(name="eager", max_batch_tokens=2048, prefix_caching=False, compile=False)
     )

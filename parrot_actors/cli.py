@@ -39,7 +39,7 @@ class _ModelOptions(TypedDict, total=False):
 
     random_model: dict[str, Any]
     kv_cache_bytes: int
-    compile: bool
+    compile: bool | None
 
 
 def engine_specs(args: argparse.Namespace) -> list[EngineConfig | EngineClient]:
@@ -57,8 +57,8 @@ def engine_specs(args: argparse.Namespace) -> list[EngineConfig | EngineClient]:
         extra["random_model"] = json.loads(args.random_model)
     if args.kv_cache_mb:
         extra["kv_cache_bytes"] = int(args.kv_cache_mb * (1 << 20))
-    if args.no_compile:
-        extra["compile"] = False
+    if args.compile:
+        extra["compile"] = None
     return [
         EngineConfig(
             name=f"engine{i}", model=args.model, device=args.device, dtype=args.dtype, **extra
@@ -188,9 +188,9 @@ def _engine_options() -> argparse.ArgumentParser:
         help="float32, bfloat16, float16, or int8 (CPU: weight-only int8 matmul weights)",
     )
     g.add_argument(
-        "--no-compile",
+        "--compile",
         action="store_true",
-        help="torch's own matmuls instead of the engine's packed CPU kernel (built once, ~20 s)",
+        help="the engine's packed CPU matmul kernel instead of torch's (built once, ~20 s)",
     )
     g.add_argument("--kv-cache-mb", type=float, help="KV cache per engine, MiB (default 1024)")
     g.add_argument(

@@ -29,6 +29,21 @@ async def fill_and_generate(engine: Engine, cid: str, prompt: str, sampling: Sam
 
 
 async def test_batched_greedy_equals_transformers(real_engine: Engine, hf_model):
+    await check_batched_greedy(real_engine, hf_model)
+
+
+async def test_batched_greedy_equals_transformers_with_packed_kernels(hf_model):
+    engine = await Engine.start(EngineConfig(name="kernels", compile=True))
+    try:
+        assert engine.core.runner.kernels
+        await check_batched_greedy(engine, hf_model)
+    finally:
+        await engine.close()
+
+
+async def check_batched_greedy(real_engine: Engine, hf_model) -> None:
+    """The 4 prompts generated together equal transformers' greedy `generate`, token for
+    token."""
     steps_before = real_engine.stats().steps
     results = await asyncio.gather(
         *[fill_and_generate(real_engine, f"hf{i}", p, GREEDY32) for i, p in enumerate(PROMPTS)]

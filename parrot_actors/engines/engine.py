@@ -80,7 +80,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     overrides `model`, weights seeded by `seed`. device: "cpu", "cuda", "cuda:N".
     dtype: "float32" (CPU default), "bfloat16", "float16", or "int8" (CPU only: weight-only
     int8 matmul weights through the packed kernel, the rest float32; README "Measured"
-    gives its speed and perplexity cost; needs the kernels, so `compile` may not be False).
+    gives its speed and perplexity cost; always runs the kernels, whatever `compile` says).
     attention: "auto" (FlashInfer on CUDA when installed, else torch), "torch", "flashinfer".
     block_size: tokens per KV block.
     kv_cache_bytes: memory budget of the KV cache (sets the number of blocks).
@@ -103,10 +103,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     20-60 s stalls of in-process scenario runs. 0.5 ms cuts that ~5x and costs nothing
     measurable when nothing competes (README, "Robustness").
     compile: run every matmul through the engine's packed CPU kernel (`cpu_kernels`; built
-    with the system C++ compiler once per machine, ~20 s, cached on disk). None (default): on
-    for CPU float32 models with hidden_size >= 256 when the build succeeds (off for the tiny
-    test models, where dispatch dominates and the build would only cost time); True: required
-    (`EngineError` when the device, dtype or build rules it out); False: torch's linear.
+    with the system C++ compiler once per machine, ~20 s, cached on disk). False (default for
+    now, see README "Measured"): torch's linear. None: on for CPU float32 models with
+    hidden_size >= 256 when the build succeeds (off for tiny models, where dispatch dominates);
+    True: required (`EngineError` when the device, dtype or build rules it out).
     """
 
     name: str = "engine0"
@@ -126,7 +126,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     num_threads: int | None = None
     restart_backoff_s: float = 1.0
     gil_switch_interval_s: float | None = 0.0005
-    compile: bool | None = None
+    compile: bool | None = False
 
     def validate(self) -> EngineConfig:
         """Return self, or raise `InvalidRequestError` naming the bad field."""
@@ -215,10 +215,10 @@ def _use_kernels(config: EngineConfig, device: torch.device, dtype: torch.dtype,
     """Resolve `config.compile` (see EngineConfig); builds the kernels when they are wanted.
     Raises `EngineError` when they are required (compile=True, dtype="int8") but ruled out."""
     if config.dtype == "int8":
-        if config.compile is False or device.type != "cpu":
+        if device.type != "cpu":
             raise EngineError(
-                f"dtype='int8' runs the packed CPU kernels: needs device='cpu' and compile "
-                f"None or True, not device={config.device!r}, compile={config.compile!r}"
+                f"dtype='int8' runs the packed CPU kernels: needs device='cpu', not "
+                f"{config.device!r}"
             )
         if not load_kernels():
             raise EngineError(f"dtype='int8': CPU kernels {kernel_status()}")

@@ -128,15 +128,20 @@ class PackedWeight:
     scales: torch.Tensor | None = None
 
 
+def _check_matrix(fn: str, w: torch.Tensor) -> None:
+    """Raise `EngineError` naming `fn` unless `w` is a float32 CPU matrix."""
+    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
+        raise EngineError(
+            f"{fn}: need a float32 CPU matrix, got {w.dtype} {tuple(w.shape)} on {w.device}"
+        )
+
+
 def pack_weight(w: torch.Tensor) -> PackedWeight:
     """Pack a float32 CPU weight `[out_features, in_features]` for `packed_linear`.
 
     Raises `EngineError` for another dtype, device or rank.
     """
-    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
-        raise EngineError(
-            f"pack_weight: need a float32 CPU matrix, got {w.dtype} {tuple(w.shape)} on {w.device}"
-        )
+    _check_matrix("pack_weight", w)
     n, k = w.shape
     pad = (-n) % PANEL
     panels = F.pad(w, (0, 0, 0, pad)).view(-1, PANEL, k).transpose(1, 2).contiguous()
@@ -150,11 +155,7 @@ def pack_weight_int8(w: torch.Tensor) -> PackedWeight:
     LLM.int8()'s vector-wise quantization without its outlier path (Dettmers et al. 2022,
     section 3.1). Raises `EngineError` for another dtype, device or rank.
     """
-    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
-        raise EngineError(
-            f"pack_weight_int8: need a float32 CPU matrix, got {w.dtype} {tuple(w.shape)} "
-            f"on {w.device}"
-        )
+    _check_matrix("pack_weight_int8", w)
     scale = w.abs().amax(dim=1) / 127.0  # [out_features]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)

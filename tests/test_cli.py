@@ -51,11 +51,12 @@ def test_engine_flags_reach_the_engine_config():
     args = cli.build_parser().parse_args(["serve", "--engines", "2", "--dtype", "int8"])
     configs = cli.engine_specs(args)
     assert [(c.name, c.dtype, c.compile) for c in configs] == [
-        ("engine0", "int8", False),
-        ("engine1", "int8", False),
+        ("engine0", "int8", None),
+        ("engine1", "int8", None),
     ]
-    args = cli.build_parser().parse_args(["serve", "--compile"])
-    assert [(c.dtype, c.compile) for c in cli.engine_specs(args)] == [("float32", None)]
+    for flag, setting in (("--compile", True), ("--no-compile", False)):
+        args = cli.build_parser().parse_args(["serve", flag])
+        assert [(c.dtype, c.compile) for c in cli.engine_specs(args)] == [("float32", setting)]
 
 
 def test_run_needs_an_async_main(tmp_path):

@@ -11,11 +11,16 @@ from parrot_actors.cuda.torch_backend import TorchAttention
 from parrot_actors.engines import Engine, EngineConfig, cpu_kernels
 from parrot_actors.engines.cpu_kernels import (
     PackedWeight,
+    add_rms_norm_,
     kernel_status,
     load_kernels,
     pack_weight,
     pack_weight_int8,
     packed_linear,
+    paged_decode_attention,
+    rms_norm,
+    rope_store_kv_,
+    silu_mul,
 )
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.model_loader import random_model
@@ -102,6 +107,109 @@ def test_packed_linear_int8_equals_dequantized_matmul(
     assert (q * p.scales[:n, None] - w).abs().max().item() <= p.scales.max().item() / 2 + 1e-7
 
 
+def _rms_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+# 2 x 8 stays on one thread; 600 x 64 splits rows across threads (grain 16384 elements).
+@pytest.mark.parametrize("t,h", [(1, 3), (2, 8), (5, 576), (600, 64)])
+def test_rms_norm_and_fused_residual_add(kernels: None, t: int, h: int) -> None:
+    gen = torch.Generator().manual_seed(t * 100 + h)
+    x, d, w = torch.randn(t, h, generator=gen), torch.randn(t, h, generator=gen), torch.randn(h)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), _rms_reference(x, w, 1e-5))
+    # Exactly RMS for a row of equal values: x / |x| * w.
+    assert rms_norm(torch.full((1, 4), -3.0), torch.arange(4.0), 0.0).tolist() == [
+        [-0.0, -1.0, -2.0, -3.0]
+    ]
+    y = x.clone()
+    out = add_rms_norm_(y, d, w, 1e-6)
+    assert torch.equal(y, x + d)  # the residual stream, updated in place, exact
+    torch.testing.assert_close(out, _rms_reference(x + d, w, 1e-6))
+    with pytest.raises(RuntimeError, match=f"w has {h + 1} elements"):
+        rms_norm(x, torch.ones(h + 1), 1e-5)
+
+
+@pytest.mark.parametrize("t,i", [(1, 5), (3, 1536), (40, 600)])
+def test_silu_mul_equals_torch(kernels: None, t: int, i: int) -> None:
+    gen = torch.Generator().manual_seed(t + i)
+    gu = torch.randn(t, 2 * i, generator=gen) * 8
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_mul(gu), F.silu(gate) * up, rtol=1e-6, atol=1e-30)
+    # The vector exp's clamps: far tails give silu(-100) ~ 0 and silu(100) = 100, never nan.
+    edge = silu_mul(torch.tensor([[-100.0, 0.0, 100.0, -1e30] * 2 + [1.0] * 8]))
+    assert edge[0, :4].tolist() == [pytest.approx(0.0, abs=1e-30), 0.0, 100.0, -0.0]
+    with pytest.raises(RuntimeError, match="even number of columns"):
+        silu_mul(torch.zeros(2, 3))
+
+
+def test_rope_store_kv_rotates_in_place_and_writes_the_cache(kernels: None) -> None:
+    n_q, n_kv, hd, bs = 4, 2, 8, 4
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(3, (n_q + 2 * n_kv) * hd, generator=gen)
+    angles = torch.randn(10, hd // 2, generator=gen)
+    cos = torch.cat([angles.cos(), angles.cos()], -1)  # [10, hd]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)
+    pos = torch.tensor([0, 5, 9])
+    cache = torch.zeros(3, 2, bs, n_kv, hd)
+    # Token t goes to block 2 - t... slot t: K rows (block * 2) * bs + offset, V bs later.
+    blocks, offsets = [2, 0, 1], [3, 0, 1]
+    k_rows = [b * 2 * bs + o for b, o in zip(blocks, offsets)]
+    slots = torch.tensor(k_rows + [r + bs for r in k_rows])
+    before = qkv.clone()
+    rope_store_kv_(qkv, pos, cos, sin, cache, slots, n_q, n_kv)
+    heads = before.view(3, n_q + 2 * n_kv, hd)
+    qk = heads[:, : n_q + n_kv]
+    rot = torch.cat([-qk[..., hd // 2 :], qk[..., : hd // 2]], -1)
+    want = qk * cos[pos][:, None] + rot * sin[pos][:, None]
+    got = qkv.view(3, n_q + 2 * n_kv, hd)
+    torch.testing.assert_close(got[:, : n_q + n_kv], want)
+    assert torch.equal(got[:, n_q + n_kv :], heads[:, n_q + n_kv :])  # v untouched
+    for t, (b, o) in enumerate(zip(blocks, offsets)):
+        assert torch.equal(cache[b, 0, o], got[t, n_q : n_q + n_kv])
+        assert torch.equal(cache[b, 1, o], got[t, n_q + n_kv :])
+    assert int((cache.abs().sum(-1).sum(-1) > 0).sum()) == 6  # nothing else written
+    with pytest.raises(RuntimeError, match="position 10 outside"):
+        rope_store_kv_(qkv, torch.tensor([0, 1, 10]), cos, sin, cache, slots, n_q, n_kv)
+    with pytest.raises(RuntimeError, match="slot outside"):
+        rope_store_kv_(qkv, pos, cos, sin, cache, slots + 100, n_q, n_kv)
+
+
+@pytest.mark.parametrize("n_q,n_kv,hd", [(8, 2, 16), (9, 3, 64), (4, 4, 12)])
+def test_paged_decode_attention_equals_the_torch_path(
+    kernels: None, n_q: int, n_kv: int, hd: int
+) -> None:
+    bs = 4
+    gen = torch.Generator().manual_seed(n_q * 10 + hd)
+    cache = torch.randn(40, 2, bs, n_kv, hd, generator=gen) * 3
+    perm = torch.randperm(40, generator=gen).tolist()
+    # Lengths: one token, a full block, across blocks, and a block's remainder.
+    lens = [1, 4, 5, 17, 30]
+    decodes, used = [], 0
+    for n in lens:
+        nb = -(-n // bs)
+        decodes.append(SeqLayout(1, n, tuple(perm[used : used + nb])))
+        used += nb
+    layout = BatchLayout(bs, decodes=tuple(decodes))
+    qkv = torch.randn(len(lens), (n_q + 2) * hd, generator=gen)
+    q = qkv[:, : n_q * hd].view(-1, n_q, hd)  # strided rows, as the runner passes them
+    cpu = torch.device("cpu")
+    plain = TorchAttention(n_q, n_kv, hd, cpu)
+    plain.plan(layout)
+    fused = TorchAttention(n_q, n_kv, hd, cpu, decode_kernel=True)
+    fused.plan(layout)
+    torch.testing.assert_close(
+        fused.forward(q, cache), plain.forward(q.contiguous(), cache), atol=1e-5, rtol=1e-5
+    )
+    tables = torch.zeros(len(lens), 8, dtype=torch.long)
+    for row, s in enumerate(decodes):
+        tables[row, : len(s.block_table)] = torch.tensor(s.block_table)
+    with pytest.raises(RuntimeError, match="lens\\[0\\] = 0 outside"):
+        paged_decode_attention(q, cache, tables, torch.tensor([0, 4, 5, 17, 30]), 0.1)
+    tables[4, 7] = 40
+    with pytest.raises(RuntimeError, match="block id 40 outside"):
+        paged_decode_attention(q, cache, tables, torch.tensor([1, 4, 5, 17, 32]), 0.1)
+
+
 def _logits(runner: LlamaRunner, token_ids: list[int]) -> torch.Tensor:
     """Prefill `token_ids` as one sequence, then one decode token: logits of both steps."""
     kv = runner.allocate_kv(4, 16)
@@ -119,7 +227,8 @@ def test_runner_with_kernels_matches_torch_linear(kernels: None) -> None:
     cpu = torch.device("cpu")
 
     def runner(kernels: bool) -> LlamaRunner:
-        return LlamaRunner(loaded, cpu, torch.float32, TorchAttention(4, 2, 24, cpu), kernels)
+        attention = TorchAttention(4, 2, 24, cpu, decode_kernel=kernels)
+        return LlamaRunner(loaded, cpu, torch.float32, attention, kernels)
 
     packed, plain = runner(True), runner(False)
     assert isinstance(packed.layers[0].qkv, PackedWeight)
@@ -165,8 +274,12 @@ async def test_engine_int8_weights(kernels: None) -> None:
         assert len(out.token_ids) == 5
     finally:
         await engine.close()
-    # int8 weights exist only in the kernels: the default compile=False does not turn them off.
-    assert EngineConfig().compile is False
+    # int8 weights exist only in the kernels: compile=False does not turn them off.
+    engine = await Engine.start(tiny_config(name="i8off", dtype="int8", compile=False))
+    try:
+        assert engine.core.runner.int8 and engine.core.runner.kernels
+    finally:
+        await engine.close()
 
 
 async def test_compile_true_on_bfloat16_is_a_typed_error() -> None:

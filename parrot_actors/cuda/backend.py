@@ -37,9 +37,12 @@ def make_backend(
     head_dim: int,
     device: torch.device,
     dtype: torch.dtype,
+    cpu_kernels: bool = False,
 ) -> AttentionBackend:
     """Return the backend `name` ("torch", "flashinfer", or "auto": FlashInfer on CUDA when it
-    imports, else torch). Raises `ValueError` for an unknown name."""
+    imports, else torch). `cpu_kernels`: the torch backend runs decode attention in the
+    engine's CPU kernel (needs them loaded; see `TorchAttention`). Raises `ValueError` for an
+    unknown name."""
     from parrot_actors.cuda.torch_backend import TorchAttention
 
     if name == "auto":
@@ -49,7 +52,7 @@ def make_backend(
 
             name = "flashinfer" if flashinfer_available() else "torch"
     if name == "torch":
-        return TorchAttention(num_heads, num_kv_heads, head_dim, device)
+        return TorchAttention(num_heads, num_kv_heads, head_dim, device, decode_kernel=cpu_kernels)
     if name == "flashinfer":
         from parrot_actors.cuda.flashinfer_backend import FlashInferAttention
 

@@ -62,17 +62,25 @@ class _SharedPart:
 class TorchAttention:
     """Paged attention in plain torch (any device, any float dtype; math in float32).
 
-    See `AttentionBackend` for the contract. Raises `RuntimeError` if `forward` runs before
-    `plan`.
+    With `decode_kernel=True` (CPU, float32, `cpu_kernels.load_kernels()` done), a step's
+    decodes without a shared prefix run `cpu_kernels.paged_decode_attention`, which reads the
+    blocks in place instead of gathering them (cascade groups keep the torch path). See
+    `AttentionBackend` for the contract. Raises `RuntimeError` if `forward` runs before `plan`.
     """
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        decode_kernel: bool = False,
     ) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.device = device
+        self.decode_kernel = decode_kernel
         self.scale = 1.0 / math.sqrt(head_dim)
         self._layout: BatchLayout | None = None
 
@@ -81,13 +89,16 @@ class TorchAttention:
         bs = layout.block_size
         dev = self.device
         self._layout = layout
-        # (first token, end token, block ids [1, blocks], kv_len, causal mask [q_len, kv_len])
-        self._prefill: list[tuple[int, int, torch.Tensor, int, torch.Tensor]] = []
+        # (first token, end token, block ids [1, blocks], kv_len, causal mask [q_len, kv_len]
+        # or None for a whole prompt, SDPA's own causal case)
+        self._prefill: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]] = []
         start = 0
         for s in layout.prefills:
             blocks = torch.tensor([s.block_table], dtype=torch.long, device=dev)
-            q_pos = torch.arange(s.kv_len - s.query_len, s.kv_len, device=dev)
-            causal = torch.arange(s.kv_len, device=dev)[None, :] <= q_pos[:, None]
+            causal = None
+            if s.query_len != s.kv_len:
+                q_pos = torch.arange(s.kv_len - s.query_len, s.kv_len, device=dev)
+                causal = torch.arange(s.kv_len, device=dev)[None, :] <= q_pos[:, None]
             self._prefill.append((start, start + s.query_len, blocks, s.kv_len, causal))
             start += s.query_len
         self._decode_start = start
@@ -112,8 +123,9 @@ class TorchAttention:
             blocks = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
             for row, t in enumerate(own):
                 blocks[row, : len(t)] = torch.tensor(t, dtype=torch.long)
-            valid = torch.arange(max_blocks * bs)[None, :] < torch.tensor(lens)[:, None]
-            self._decode = (blocks.to(dev), valid.to(dev))
+            kv_lens = torch.tensor(lens, dtype=torch.long)
+            valid = torch.arange(max_blocks * bs)[None, :] < kv_lens[:, None]
+            self._decode = (blocks.to(dev), valid.to(dev), kv_lens.to(dev))
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """q `[num_tokens, num_heads, head_dim]` -> out, same shape and dtype."""
@@ -133,15 +145,19 @@ class TorchAttention:
         kv_cache: torch.Tensor,
         blocks: torch.Tensor,
         kv_len: int,
-        causal: torch.Tensor,
+        causal: torch.Tensor | None,
     ) -> torch.Tensor:
         k, v = gather_blocks(kv_cache, blocks)  # [1, blocks * block_size, kvh, head_dim]
         k, v = k[0, :kv_len], v[0, :kv_len]  # [kv_len, num_kv_heads, head_dim]
+        # A whole prompt (no earlier KV) is SDPA's own causal case, whose kernel skips the
+        # masked half; with earlier KV (a chunk, a cached prefix) the mask is bottom-right.
+        whole = causal is None
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # [1, num_heads, q_len, head_dim]
             k.transpose(0, 1)[None],  # [1, num_kv_heads, kv_len, head_dim]
             v.transpose(0, 1)[None],
-            attn_mask=causal,  # [q_len, kv_len]
+            attn_mask=None if whole else causal,  # [q_len, kv_len]
+            is_causal=whole,
             scale=self.scale,
             enable_gqa=True,
         )
@@ -151,7 +167,11 @@ class TorchAttention:
         n, kvh, hd = q.shape[0], self.num_kv_heads, self.head_dim
         g = self.num_heads // kvh
         assert self._decode is not None, "plan() set the decode batch"
-        blocks, valid = self._decode
+        blocks, valid, kv_lens = self._decode
+        if self.decode_kernel and not self._shared:
+            from parrot_actors.engines.cpu_kernels import paged_decode_attention
+
+            return paged_decode_attention(q, kv_cache, blocks, kv_lens, self.scale)
         k, v = gather_blocks(kv_cache, blocks)  # [batch, max_len, num_kv_heads, head_dim] each
         if not self._shared:
             # No shared prefix: one fused SDPA call, no log-sum-exp needed.

@@ -34,7 +34,8 @@ from parrot_actors.errors import EngineError
 
 log = logging.getLogger("parrot_actors.engine")
 
-SOURCE = Path(__file__).parent / "csrc" / "packed_linear.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("packed_linear.cpp", "fused_ops.cpp")]
+"""The C++ sources of the `parrot_kernels` torch library, built into one shared object."""
 PANEL = 16
 """Output columns per packed panel (must match NR in the C++ source)."""
 BUILD_LOCK_TIMEOUT_S = 300.0
@@ -100,7 +101,7 @@ def _build() -> None:
         (folder / "lock").unlink(missing_ok=True)
         load(
             name="parrot_kernels",
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
@@ -182,4 +183,87 @@ def packed_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
         y = ops.packed_linear_int8(x.contiguous(), w.panels, w.scales, w.out_features)
     else:
         y = ops.packed_linear(x.contiguous(), w.panels, w.out_features)
+    return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in one pass: `w * x / sqrt(mean(x**2, -1) + eps)`.
+
+    x: float32 CPU `[num_tokens, hidden]`, w `[hidden]`. Returns a new `[num_tokens, hidden]`.
+    Source: Zhang & Sennrich, "Root Mean Square Layer Normalization" (NeurIPS 2019), eq. 4.
+    Needs `load_kernels()`. Raises `RuntimeError` for a wrong dtype or shape.
+    """
+    y: torch.Tensor = torch.ops.parrot_kernels.rms_norm(x.contiguous(), w, eps)
+    return y
+
+
+def add_rms_norm_(x: torch.Tensor, d: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The residual add and the next RMSNorm in one pass: `x += d` in place, then returns
+    `rms_norm(x, w, eps)`.
+
+    x, d: float32 CPU `[num_tokens, hidden]` (x contiguous: it is written), w `[hidden]`.
+    Needs `load_kernels()`. Raises `RuntimeError` for a wrong dtype or shape.
+    """
+    y: torch.Tensor = torch.ops.parrot_kernels.add_rms_norm_(x, d.contiguous(), w, eps)
+    return y
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation in one pass: `silu(gate) * up` for gu = `[gate | up]`.
+
+    gu: float32 CPU `[num_tokens, 2 * intermediate]` -> `[num_tokens, intermediate]`. Source:
+    Shazeer, "GLU Variants Improve Transformer" (2020), eq. 6. exp is a vectorized Cephes
+    polynomial (~1 ulp), so values can differ from `F.silu` in the last bit. Needs
+    `load_kernels()`. Raises `RuntimeError` for a wrong dtype or an odd width.
+    """
+    y: torch.Tensor = torch.ops.parrot_kernels.silu_mul(gu.contiguous())
+    return y
+
+
+def rope_store_kv_(
+    qkv: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    kv_slots: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    """Rotary embedding on the q and k heads of a fused projection, in place, and the step's
+    K and V into a layer's paged cache, in one pass.
+
+    qkv: float32 CPU `[num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]` (q heads, k
+    heads, v heads); pos: int64 `[num_tokens]` positions; cos, sin: `[max_len, head_dim]` tables
+    (rotate-half form, Su et al., "RoFormer" 2021, section 3.4.2, as transformers' Llama);
+    kv_cache: `[num_blocks, 2, block_size, num_kv_heads, head_dim]`; kv_slots: int64 `[2 *
+    num_tokens]` rows of the flat cache, K then V (`torch_backend.kv_slot_rows`). Needs
+    `load_kernels()`. Raises `RuntimeError` for a wrong shape, a position or a slot out of range.
+    """
+    torch.ops.parrot_kernels.rope_store_kv_(
+        qkv, pos, cos, sin, kv_cache, kv_slots, num_heads, num_kv_heads
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence attending to its KV read in place from the paged cache.
+
+    q: float32 CPU `[batch, num_heads, head_dim]` (heads contiguous; rows may be strided, e.g. a
+    view of the fused projection); kv_cache: `[num_blocks, 2, block_size, num_kv_heads,
+    head_dim]`; block_tables: int64 `[batch, max_blocks]`; kv_lens: int64 `[batch]` tokens, each
+    in [1, max_blocks * block_size]. Returns `[batch, num_heads, head_dim]`. Grouped-query: query
+    head j reads kv head `j // (num_heads // num_kv_heads)`. Source: vLLM's PagedAttention (Kwon
+    et al., SOSP 2023, section 4.1) with FlashAttention's online softmax (Dao et al. 2022,
+    section 3.1). Needs `load_kernels()`. Raises `RuntimeError` for a wrong shape, a length or a
+    block id out of range.
+    """
+    y: torch.Tensor = torch.ops.parrot_kernels.paged_decode_attention(
+        q, kv_cache, block_tables, kv_lens, scale
+    )
     return y

@@ -102,11 +102,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     generator) makes each of those waits up to 5 ms: decode measured 30-50x slower, the
     20-60 s stalls of in-process scenario runs. 0.5 ms cuts that ~5x and costs nothing
     measurable when nothing competes (README, "Robustness").
-    compile: run every matmul through the engine's packed CPU kernel (`cpu_kernels`; built
-    with the system C++ compiler once per machine, ~20 s, cached on disk). False (default for
-    now, see README "Measured"): torch's linear. None: on for CPU float32 models with
-    hidden_size >= 256 when the build succeeds (off for tiny models, where dispatch dominates);
-    True: required (`EngineError` when the device, dtype or build rules it out).
+    compile: run the layer through the engine's CPU kernels (`cpu_kernels`: packed matmuls,
+    fused norm/residual, rotary + KV write, SwiGLU, paged decode attention; built with the
+    system C++ compiler once per machine, ~25 s, cached on disk). None (default): on for CPU
+    float32 models with hidden_size >= 256 when the build succeeds (off for tiny models, where
+    they change little); True: required (`EngineError` when the device, dtype or build rules
+    it out); False: torch ops only (the eager path, also the one on CUDA).
     """
 
     name: str = "engine0"
@@ -126,7 +127,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     num_threads: int | None = None
     restart_backoff_s: float = 1.0
     gil_switch_interval_s: float | None = 0.0005
-    compile: bool | None = False
+    compile: bool | None = None
 
     def validate(self) -> EngineConfig:
         """Return self, or raise `InvalidRequestError` naming the bad field."""
@@ -168,6 +169,7 @@ def build_core(config: EngineConfig) -> EngineCore:
     cfg = loaded.config
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    kernels = _use_kernels(config, device, dtype, cfg)
     backend = make_backend(
         config.attention,
         num_heads=heads,
@@ -175,13 +177,14 @@ def build_core(config: EngineConfig) -> EngineCore:
         head_dim=head_dim,
         device=device,
         dtype=dtype,
+        cpu_kernels=kernels,
     )
     runner = LlamaRunner(
         loaded,
         device,
         dtype,
         backend,
-        kernels=_use_kernels(config, device, dtype, cfg),
+        kernels=kernels,
         int8=config.dtype == "int8",
     )
     num_blocks = config.kv_cache_bytes // runner.kv_bytes_per_block(config.block_size)

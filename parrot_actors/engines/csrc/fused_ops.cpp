@@ -94,10 +94,34 @@ inline float exp_shifted(const float* x, float shift, float* y, int64_t n) {
 }
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  int64_t i = 0;
   float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n >= 16) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    const __m256 v = _mm256_add_ps(s0, s1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_hadd_ps(r, r);
+    s = _mm_cvtss_f32(_mm_hadd_ps(r, r));
+  }
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// y[i] += a * x[i] for i < n.
+inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
 }
 
 inline void rms_row(const float* __restrict x, const float* __restrict w, double eps,
@@ -268,7 +292,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& cache,
   const float sc = static_cast<float>(scale);
   // One work item per (sequence, kv head): its G query heads share every K/V row loaded.
   at::parallel_for(0, B * nkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qh(G * D), acc(G * D), m(G), l(G), s(BS), p(BS);
+    std::vector<float> qh(G * D), acc(G * D), m(G), l(G), s(G * BS), p(G * BS);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t b = item / nkv, h = item % nkv, len = lp[b];
       for (int64_t j = 0; j < G; ++j) {
@@ -282,28 +306,26 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& cache,
         const int64_t n = std::min(BS, len - blk * BS);
         const float* kb = cp + (tp[b * MB + blk] * 2 * BS) * row + h * D;
         const float* vb = kb + BS * row;
+        // Scores of the block's positions for all G heads; each K row is read once.
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t j = 0; j < G; ++j) s[j * BS + t] = dot(qh.data() + j * D, kb + t * row, D);
         for (int64_t j = 0; j < G; ++j) {
-          const float* qj = qh.data() + j * D;
           float mx = m[j];
-          for (int64_t t = 0; t < n; ++t) {
-            s[t] = dot(qj, kb + t * row, D);
-            mx = std::max(mx, s[t]);
-          }
+          for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[j * BS + t]);
           // Online softmax: rescale what was summed under the old maximum.
           const float corr = m[j] == -std::numeric_limits<float>::infinity()
                                  ? 0.0f
                                  : std::exp(m[j] - mx);
-          l[j] = l[j] * corr + exp_shifted(s.data(), mx, p.data(), n);
+          l[j] = l[j] * corr + exp_shifted(s.data() + j * BS, mx, p.data() + j * BS, n);
           m[j] = mx;
           float* a = acc.data() + j * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-          for (int64_t t = 0; t < n; ++t) {
-            const float pt = p[t];
-            const float* v = vb + t * row;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += pt * v[d];
-          }
+        }
+        // Weighted V rows, each read once for all G heads.
+        for (int64_t t = 0; t < n; ++t) {
+          const float* v = vb + t * row;
+          for (int64_t j = 0; j < G; ++j) axpy(p[j * BS + t], v, acc.data() + j * D, D);
         }
       }
       for (int64_t j = 0; j < G; ++j) {

@@ -5,7 +5,8 @@ workload, `../shared/data/workloads/arxiv-march-2023/article_0.txt`; without it,
 text that ships with Python), each prefilled in one step, every position's next-token
 cross-entropy averaged, exp'd. Speed: decode steps at batch 1, 8 and 32 over a 100-token
 context (the step alone: the engine loop, sampling and scheduling are the same for all).
-Columns, side by side in one run: torch's linear (eager), the packed float32 kernel, int8.
+Columns, side by side in one run: torch ops (eager), the engine's CPU kernels with float32
+weights (the default), the same with int8 weights.
 Usage: `python benchmarks/int8_quality.py [--windows 4] [--window 512]`.
 """
 
@@ -96,7 +97,7 @@ def main() -> None:
     variants["packed int8"] = (True, True)
     rows = []
     for label, (kernels, int8) in tqdm(variants.items(), desc="variants"):
-        backend = TorchAttention(heads, kv_heads, head_dim, cpu)
+        backend = TorchAttention(heads, kv_heads, head_dim, cpu, decode_kernel=kernels)
         runner = LlamaRunner(loaded, cpu, torch.float32, backend, kernels=kernels, int8=int8)
         with torch.inference_mode():
             ppl = perplexity(runner, ids, args.window, args.windows)

@@ -213,19 +213,30 @@ async def test_nan_logits_fail_the_step_requests_not_the_engine(tiny_engine: Eng
     assert tiny_engine.stats().restarts == 0
 
 
-async def test_nan_in_one_row_of_a_batched_greedy_step_fails_only_that_request(
-    tiny_engine: Engine,
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (0.8, 7)])
+async def test_nan_in_one_row_of_a_batched_step_fails_only_that_request(
+    tiny_engine: Engine, temperature: float, seed: int | None
 ):
-    long = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    # Greedy rows and seeded sampled rows alike: the other request's tokens are the ones it
+    # gets alone.
     prompts = {"a": PROMPT, "b": [20, 21, 22, 23, 24]}
+    params = {
+        name: SamplingParams(
+            max_tokens=12,
+            temperature=temperature,
+            seed=None if seed is None else seed + i,
+            ignore_eos=True,
+        )
+        for i, name in enumerate(prompts)
+    }
     reference = {}
     for name, ids in prompts.items():
         await tiny_engine.fill("ref", token_ids=ids)
-        reference[name] = (await tiny_engine.generate("ref", long)).token_ids
+        reference[name] = (await tiny_engine.generate("ref", params[name])).token_ids
         await tiny_engine.free_context("ref")
     assert reference["a"] != reference["b"]
     core = tiny_engine.core
-    inner, picks = core.runner.forward, core._greedy_tokens
+    inner, picks = core.runner.forward, core._batched_tokens
     poisoned, batched = [True], []
 
     def nan_in_row_0(*args: object, **kwargs: object) -> torch.Tensor:
@@ -243,13 +254,14 @@ async def test_nan_in_one_row_of_a_batched_greedy_step_fails_only_that_request(
 
     for name, ids in prompts.items():
         await tiny_engine.fill(name, token_ids=ids)
-    core.runner.forward, core._greedy_tokens = nan_in_row_0, spy
+    core.runner.forward, core._batched_tokens = nan_in_row_0, spy
     try:
         got = await asyncio.gather(
-            *(tiny_engine.generate(name, long) for name in prompts), return_exceptions=True
+            *(tiny_engine.generate(name, params[name]) for name in prompts),
+            return_exceptions=True,
         )
     finally:
-        core.runner.forward, core._greedy_tokens = inner, picks
+        core.runner.forward, core._batched_tokens = inner, picks
     assert not poisoned[0] and [-1] == [t for step in batched for t in step if t < 0]
     failed = [i for i, g in enumerate(got) if isinstance(g, SamplingError)]
     assert len(failed) == 1 and "logits contain NaN" in str(got[failed[0]])

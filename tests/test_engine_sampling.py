@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
-from parrot_actors.engines.sampler import sample
+from parrot_actors.engines.sampler import sample, sample_rows
+from parrot_actors.errors import SamplingError
 from parrot_actors.messages import SamplingParams
 
 
@@ -58,6 +60,45 @@ def test_sample_top_p_keeps_only_the_nucleus():
     seen = {sample(logits, sp, gen) for _ in range(200)}
     assert seen == {0, 1}
     assert sample(logits, SamplingParams(), None) == 0
+
+
+def test_sample_rows_draws_each_row_as_alone():
+    # One batched call over rows of every kind gives each row the token `sample` gives it
+    # alone, draw after draw, and -1 for a NaN row, which does not disturb the others.
+    params = [
+        SamplingParams(),  # greedy
+        SamplingParams(temperature=0.7, seed=1),
+        SamplingParams(temperature=1.3, top_k=5, seed=2),
+        SamplingParams(temperature=1.0, top_p=0.5, seed=3),
+        SamplingParams(temperature=0.9, top_k=40, top_p=0.8, seed=4),
+        SamplingParams(temperature=1e-300, seed=5),
+        SamplingParams(temperature=1.0, seed=6),  # its row is NaN
+    ]
+    logits = torch.randn(len(params), 300, generator=torch.Generator().manual_seed(0)) * 3
+    logits[6, 17] = float("nan")
+
+    def gens() -> list[torch.Generator | None]:
+        return [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in params]
+
+    batched, alone = gens(), gens()
+    seen: list[set[int]] = [set() for _ in params]
+    for _ in range(20):
+        got = sample_rows(logits, params, batched)
+        assert got[6] == -1
+        for r in range(6):
+            assert got[r] == sample(logits[r], params[r], alone[r])
+            seen[r].add(got[r])
+    # Greedy, and a vanishing temperature: always the row's best token.
+    assert (seen[0], seen[5]) == ({int(logits[0].argmax())}, {int(logits[5].argmax())})
+    assert len(seen[1]) > 1 and len(seen[2]) > 1  # real draws
+    assert seen[2] <= set(torch.topk(logits[2], 5).indices.tolist())
+    with pytest.raises(SamplingError, match="logits contain NaN"):
+        sample(logits[6], params[6], alone[6])
+    # A subset of the rows, in another order: the same tokens as each row alone again.
+    sub = [4, 1]
+    once, solo = gens(), gens()
+    got = sample_rows(logits[sub], [params[i] for i in sub], [once[i] for i in sub])
+    assert got == [sample(logits[i], params[i], solo[i]) for i in sub]
 
 
 async def test_stop_token_and_stop_string(tiny_engine):

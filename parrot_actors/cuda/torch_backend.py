@@ -94,7 +94,7 @@ class TorchAttention:
         self._prefill: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]] = []
         start = 0
         for s in layout.prefills:
-            blocks = torch.tensor([s.block_table], dtype=torch.long, device=dev)
+            blocks = host_ints([list(s.block_table)], dev)
             causal = None
             if s.query_len != s.kv_len:
                 q_pos = torch.arange(s.kv_len - s.query_len, s.kv_len, device=dev)
@@ -109,8 +109,8 @@ class TorchAttention:
             if g.shared_blocks == 0:
                 continue
             table = decodes[g.members[0]].block_table[: g.shared_blocks]
-            rows = torch.tensor(g.members, dtype=torch.long, device=dev)
-            blocks = torch.tensor([table], dtype=torch.long, device=dev)
+            rows = host_ints(list(g.members), dev)
+            blocks = host_ints([list(table)], dev)
             valid = torch.ones(1, g.shared_blocks * bs, dtype=torch.bool, device=dev)
             self._shared.append(_SharedPart(rows, blocks, valid))
             for m in g.members:
@@ -125,7 +125,17 @@ class TorchAttention:
                 blocks[row, : len(t)] = torch.tensor(t, dtype=torch.long)
             kv_lens = torch.tensor(lens, dtype=torch.long)
             valid = torch.arange(max_blocks * bs)[None, :] < kv_lens[:, None]
-            self._decode = (blocks.to(dev), valid.to(dev), kv_lens.to(dev))
+            if dev.type == "cuda":  # pinned, so the copies need not wait (see `host_ints`)
+                blocks, valid, kv_lens = (
+                    blocks.pin_memory(),
+                    valid.pin_memory(),
+                    kv_lens.pin_memory(),
+                )
+            self._decode = (
+                blocks.to(dev, non_blocking=True),
+                valid.to(dev, non_blocking=True),
+                kv_lens.to(dev, non_blocking=True),
+            )
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """q `[num_tokens, num_heads, head_dim]` -> out, same shape and dtype."""
@@ -230,12 +240,20 @@ def write_kv_flat(
     flat.index_copy_(0, kv_slots, torch.cat([k, v]).to(kv_cache.dtype))
 
 
+def host_ints(values: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
+    """int64 tensor of `values` on `device`. On CUDA built in pinned host memory and copied
+    without blocking, so a step's small index tensors do not each wait for the GPU (PyTorch's
+    caching host allocator keeps the pinned buffer until the copy is done)."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def kv_slot_rows(layout: BatchLayout, device: torch.device) -> torch.Tensor:
     """`[2 * num_tokens]` rows of the flat cache for the step's new K then V (`write_kv_flat`)."""
     blocks, offsets = slot_mapping(layout)
     bs = layout.block_size
     k_rows = [b * 2 * bs + o for b, o in zip(blocks, offsets)]
-    return torch.tensor(k_rows + [r + bs for r in k_rows], dtype=torch.long, device=device)
+    return host_ints(k_rows + [r + bs for r in k_rows], device)
 
 
 def slot_mapping(layout: BatchLayout) -> tuple[list[int], list[int]]:

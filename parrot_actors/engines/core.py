@@ -17,6 +17,7 @@ queued, the best-ranked request can never fit and fails with `CapacityError` at 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from parrot_actors.engines.contexts import Context, ContextTable
 from parrot_actors.engines.detokenizer import Detokenizer
 from parrot_actors.engines.grammar import Grammars
 from parrot_actors.engines.llama import LlamaRunner
-from parrot_actors.engines.sampler import make_generator, sample, token_logprobs
+from parrot_actors.engines.sampler import make_generator, sample, sample_rows, token_logprobs
 from parrot_actors.errors import CapacityError, EngineError, InvalidRequestError, SamplingError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -42,6 +43,8 @@ from parrot_actors.messages import (
     SamplingParams,
     TokenDelta,
 )
+
+log = logging.getLogger("parrot_actors.engine")
 
 FinishCallback = Callable[[object, BaseException | None], None]
 """`on_finish(result, error)`: a `FillResult` / `GenerateResult`, or the request's error."""
@@ -531,7 +534,7 @@ class EngineCore:
             rows,
             logits,
         )
-        greedy = self._greedy_tokens(plan, rows, logits)
+        chosen = self._batched_tokens(plan, rows, logits)
         for req, _ in plan.items:
             if req.done:
                 continue
@@ -543,31 +546,31 @@ class EngineCore:
             if req.kind == "fill":
                 self._finish_fill(req)
                 continue
-            self._sample_safely(req, last, masked.get(id(req)), greedy.get(id(req)))
+            self._sample_safely(req, last, masked.get(id(req)), chosen.get(id(req)))
 
-    def _greedy_tokens(
+    def _batched_tokens(
         self, plan: StepPlan, rows: dict[int, int], logits: torch.Tensor
     ) -> dict[int, int]:
-        """The next token of every greedy, unconstrained generate request of the step (by
-        request id; -1 where its logits hold NaN), from one argmax and one NaN check over their
-        rows of `logits` `[rows, vocab]` and one host transfer, instead of two reductions and
-        two transfers per request. Same tokens as `sample`: argmax picks the lowest id on ties
-        either way. Empty when fewer than two requests qualify."""
-        reqs = [
-            r
-            for r, _ in plan.items
-            if not r.done
-            and r.kind == "generate"
-            and r.matcher is None
-            and r.sampling is not None
-            and r.sampling.temperature == 0.0
-            and id(r) in rows
-        ]
-        if len(reqs) < 2:
+        """The next token of every unconstrained generate request of the step (by request id;
+        -1 where its logits hold NaN) from one `sample_rows` call over their rows of `logits`
+        `[rows, vocab]`: greedy rows one argmax and NaN check on the device, sampled rows one
+        host transfer, instead of reductions and transfers per request. Same tokens as
+        `sample` per request. Empty when the batched call fails, so every request then samples
+        alone and a fault fails only its own request."""
+        reqs, params = [], []
+        for r, _ in plan.items:
+            if not r.done and r.kind == "generate" and r.matcher is None and id(r) in rows:
+                if r.sampling is not None:
+                    reqs.append(r)
+                    params.append(r.sampling)
+        if not reqs:
             return {}
-        sub = logits[[rows[id(r)] for r in reqs]]  # [greedy rows, vocab]
-        nan = torch.isnan(sub).any(dim=1)
-        tokens = torch.where(nan, -1, sub.argmax(dim=1)).tolist()
+        sub = logits[[rows[id(r)] for r in reqs]]  # [requests, vocab]
+        try:
+            tokens = sample_rows(sub, params, [r.generator for r in reqs])
+        except Exception:
+            log.exception("batched sampling failed; sampling request by request")
+            return {}
         return {id(r): t for r, t in zip(reqs, tokens)}
 
     def _masked_rows(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from parrot_actors.cuda.backend import AttentionBackend
 from parrot_actors.cuda.layout import BatchLayout
-from parrot_actors.cuda.torch_backend import kv_slot_rows, write_kv_flat
+from parrot_actors.cuda.torch_backend import host_ints, kv_slot_rows, write_kv_flat
 from parrot_actors.engines.cpu_kernels import (
     PackedWeight,
     add_rms_norm_,
@@ -219,8 +219,8 @@ class LlamaRunner:
         KV write (`cpu_kernels`): 9 ops per layer instead of ~30.
         """
         dev = self.device
-        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)  # [T]
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
+        ids = host_ints(token_ids, dev)  # [T]
+        pos = host_ints(positions, dev)  # [T]
         kv_slots = kv_slot_rows(layout, dev)  # [2T] rows of the flat cache
         self.backend.plan(layout)
         n_q, hd = self.num_heads, self.head_dim
@@ -237,6 +237,6 @@ class LlamaRunner:
                 h = self._add_rms(x, mlp, self.layers[i + 1].norm1)
             else:
                 x.add_(mlp)
-        rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
+        rows = host_ints(logit_rows, dev)
         h = self._rms(x[rows], self.final_norm)  # [R, hidden]
         return _linear(h, self.lm_head).float()  # [R, vocab]

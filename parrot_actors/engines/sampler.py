@@ -7,6 +7,8 @@ else is in the batch. Seeds outside torch's range are rejected by `SamplingParam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from parrot_actors.errors import SamplingError
@@ -57,23 +59,63 @@ def sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator 
     (so top_p=1e-300 is greedy rather than an empty distribution). Raises `SamplingError` for
     logits that hold NaN (a numerical fault of the model, reported for this request only).
     """
-    if bool(torch.isnan(logits).any()):
+    token = sample_rows(logits[None], [sampling], [gen])[0]
+    if token < 0:
         raise SamplingError("the model's logits contain NaN")
-    if sampling.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits.detach().to("cpu", torch.float64)
-    scaled = (logits - logits.max()) / sampling.temperature  # [vocab], max entry is 0
-    if 0 < sampling.top_k < scaled.numel():
-        kth = torch.topk(scaled, sampling.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)  # [vocab]
-    if sampling.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        # Keep a token if the mass before it is below top_p; the first is kept explicitly,
-        # since for a tiny top_p the comparison alone would drop it too.
-        drop = (cum - sorted_p) >= sampling.top_p
-        drop[0] = False
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return token
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    gens: Sequence[torch.Generator | None],
+) -> list[int]:
+    """The next token of every row of a step's logits, with one host transfer for them all.
+
+    logits: `[rows, vocab_size]` (any float dtype, any device); params, gens: one per row
+    (`make_generator`). Returns one token id per row, -1 for a row whose logits hold NaN. Each
+    row gets what `sample` documents: greedy rows their argmax (lowest id on ties); the others
+    float64 softmax(logits / temperature) after top_k, top_p, then one `torch.multinomial`
+    draw from the row's own generator, so a seeded row's token does not depend on the other
+    rows. The arithmetic is batched; only top_k, top_p (where set) and the draw run per row.
+    """
+    rows = logits.shape[0]
+    nan = torch.isnan(logits).any(dim=1)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    drawn = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    out = [0] * rows
+    if greedy:
+        sub = logits[greedy] if len(greedy) < rows else logits
+        for i, t in zip(greedy, torch.where(nan[greedy], -1, sub.argmax(dim=1)).tolist()):
+            out[i] = t
+    if not drawn:
+        return out
+    x = (logits[drawn] if len(drawn) < rows else logits).detach().to("cpu", torch.float64)
+    bad = nan[drawn].tolist()
+    temps = torch.tensor([params[i].temperature for i in drawn], dtype=torch.float64)
+    # [drawn, vocab]; each row's max entry is 0 (NaN rows are dropped below).
+    scaled = (x - x.max(dim=1, keepdim=True).values) / temps[:, None]
+    vocab = scaled.shape[1]
+    for r, i in enumerate(drawn):
+        k = params[i].top_k
+        if 0 < k < vocab:
+            kth = torch.topk(scaled[r], k).values[-1]
+            scaled[r].masked_fill_(scaled[r] < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)  # [drawn, vocab]
+    for r, i in enumerate(drawn):
+        if bad[r]:
+            out[i] = -1
+            continue
+        row = probs[r]
+        top_p = params[i].top_p
+        if top_p < 1.0:
+            sorted_p, order = torch.sort(row, descending=True)
+            cum = torch.cumsum(sorted_p, dim=-1)
+            # Keep a token if the mass before it is below top_p; the first is kept explicitly,
+            # since for a tiny top_p the comparison alone would drop it too.
+            drop = (cum - sorted_p) >= top_p
+            drop[0] = False
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            row = torch.zeros_like(row).scatter_(0, order, sorted_p)
+        out[i] = int(torch.multinomial(row, 1, generator=gens[i]))
+    return out

@@ -83,6 +83,41 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--oneshot-tokens", type=int, default=1000, help="one-shot prompt: 1-1.5x")
     p.add_argument("--oneshot-answer", type=int, default=8, help="one-shot max tokens")
+    p.add_argument(
+        "--tool-waits-oneshots",
+        type=int,
+        default=0,
+        help="a tool call also lasts until this many more one-shot requests have finished "
+        "(at most 30 s): the pressure on the cache during a tool call then does not depend "
+        "on the machine's speed (tests)",
+    )
+
+
+ONESHOT_WAIT_S = 30.0
+"""Longest a tool call waits for one-shot requests to finish (seconds)."""
+
+
+class _Done:
+    """How many one-shot requests have finished, for sessions that wait on it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = asyncio.Condition()
+
+    async def finished_one(self) -> None:
+        async with self.changed:
+            self.count += 1
+            self.changed.notify_all()
+
+    async def wait_for(self, count: int) -> None:
+        """Until `count` one-shots have finished, or `ONESHOT_WAIT_S` has passed."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: self.count >= count), ONESHOT_WAIT_S
+                )
+            except asyncio.TimeoutError:
+                pass
 
 
 def num_apps(args: argparse.Namespace) -> int:
@@ -147,6 +182,7 @@ async def _session(
     app: int,
     plan: tuple[list[float], list[int]],
     sources: list[str],
+    oneshots: _Done,
 ) -> None:
     waits, sizes = plan
     system = SYSTEM + workloads.fit(ctx.tokenizer, workloads.system_prompt(), args.system_tokens)
@@ -162,7 +198,10 @@ async def _session(
         messages.append({"role": "assistant", "content": answer})
         if turn == len(waits):
             break
+        target = oneshots.count + args.tool_waits_oneshots
         await asyncio.sleep(waits[turn])  # the tool runs
+        if args.tool_waits_oneshots:
+            await oneshots.wait_for(target)
         source = sources[(app + turn + 1) % len(sources)]
         result = workloads.chunks(ctx.tokenizer, source, offset + 1, sizes[turn])[offset]
         offset += 1
@@ -171,7 +210,7 @@ async def _session(
 
 
 async def _oneshots(
-    ctx: RunContext, args: argparse.Namespace, client: int, done: asyncio.Event
+    ctx: RunContext, args: argparse.Namespace, client: int, done: asyncio.Event, count: _Done
 ) -> None:
     """One client's one-shot requests, back to back until the sessions are done: each a
     prompt never seen before (a numbered excerpt), so caching it only evicts others."""
@@ -199,19 +238,21 @@ async def _oneshots(
         )
         _record(ctx, "oneshot", app, start, got.usage)
         ctx.finish(app, "background", start, [got.choices[0].text], 1, progress=False)
+        await count.finished_one()
         i += 1
 
 
 async def _run(ctx: RunContext, args: argparse.Namespace) -> None:
     sources = [workloads.article(i) for i in range(10)]
     plans = _plan(args, ctx.seed)
-    done = asyncio.Event()
+    done, count = asyncio.Event(), _Done()
     background = [
-        asyncio.ensure_future(_oneshots(ctx, args, c, done)) for c in range(args.oneshot_clients)
+        asyncio.ensure_future(_oneshots(ctx, args, c, done, count))
+        for c in range(args.oneshot_clients)
     ]
     try:
         await asyncio.gather(
-            *(_session(ctx, args, i, plan, sources) for i, plan in enumerate(plans))
+            *(_session(ctx, args, i, plan, sources, count) for i, plan in enumerate(plans))
         )
     finally:
         done.set()

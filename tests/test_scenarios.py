@@ -121,14 +121,17 @@ def test_missing_shared_data_degrades_with_a_message(tmp_path, monkeypatch, caps
 def test_agent_sessions_keep_their_context_where_the_baseline_recomputes(tmp_path):
     # A KV cache of 3072 tokens: the two sessions' contexts (about 700 tokens each) fit next
     # to the one-shot prompts running, but the one-shot prompts evict the baseline's cached
-    # blocks while a session waits on its tool. Parrot computes 1264 tokens for the sessions
-    # in every run; what the baseline recomputes depends on timing (2297-3417 seen).
+    # blocks while a session waits on its tool. Each tool call lasts until 6 more one-shot
+    # prompts (>= 2400 new tokens, more than the cache holds beside the other session) have
+    # gone through, so that pressure does not depend on the machine's speed (with time alone,
+    # a slower or busier run evicted nothing: 1430 vs 1269). Parrot computes 1264-1269 tokens
+    # for the sessions in every run.
     results, body = run_smallest(
         "agent_sessions",
         tmp_path,
         *("--kv-cache-mb", "1.5", "--turns", "4", "4", "--tool-latency", "0.3", "0.5"),
         *("--tool-tokens", "100", "150", "--system-tokens", "100", "--oneshot-clients", "2"),
-        *("--oneshot-tokens", "400"),
+        *("--oneshot-tokens", "400", "--tool-waits-oneshots", "6"),
     )
     parrot, baseline = (body["derived"][label] for label in ("parrot", "baseline"))
     assert body["outputs_differ"] == [] and body["outputs_compared"] == 8

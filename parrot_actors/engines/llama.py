@@ -6,7 +6,10 @@ grouped-query attention through an `AttentionBackend`, SwiGLU MLP, tied or separ
 Source: Touvron et al., "Llama 2" (2023) §2; the transformers `modeling_llama` reference.
 Weights are taken from a Hugging Face state dict; q/k/v and gate/up projections are fused so a
 layer does three matmuls instead of seven. With `kernels=True` (CPU, float32) every matmul runs
-the engine's packed kernel (`cpu_kernels.packed_linear`) over weights packed once at load.
+the engine's packed kernel (`cpu_kernels.packed_linear`) over weights packed once at load, and
+the elementwise work runs fused (`cpu_kernels`: residual add + RMSNorm, rotary + KV write,
+SwiGLU); decode attention is the backend's (`TorchAttention(decode_kernel=True)` reads the paged
+blocks in place).
 """
 
 from __future__ import annotations

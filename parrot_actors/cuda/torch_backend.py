@@ -120,22 +120,10 @@ class TorchAttention:
             own = [s.block_table[shared_blocks[i] :] for i, s in enumerate(decodes)]
             lens = [s.kv_len - shared_blocks[i] * bs for i, s in enumerate(decodes)]
             max_blocks = max(len(t) for t in own)
-            blocks = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-            for row, t in enumerate(own):
-                blocks[row, : len(t)] = torch.tensor(t, dtype=torch.long)
-            kv_lens = torch.tensor(lens, dtype=torch.long)
-            valid = torch.arange(max_blocks * bs)[None, :] < kv_lens[:, None]
-            if dev.type == "cuda":  # pinned, so the copies need not wait (see `host_ints`)
-                blocks, valid, kv_lens = (
-                    blocks.pin_memory(),
-                    valid.pin_memory(),
-                    kv_lens.pin_memory(),
-                )
-            self._decode = (
-                blocks.to(dev, non_blocking=True),
-                valid.to(dev, non_blocking=True),
-                kv_lens.to(dev, non_blocking=True),
-            )
+            blocks = host_ints([list(t) + [0] * (max_blocks - len(t)) for t in own], dev)
+            kv_lens = host_ints(lens, dev)  # [batch]
+            valid = torch.arange(max_blocks * bs, device=dev)[None, :] < kv_lens[:, None]
+            self._decode = (blocks, valid, kv_lens)
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """q `[num_tokens, num_heads, head_dim]` -> out, same shape and dtype."""

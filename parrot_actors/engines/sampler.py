@@ -80,18 +80,18 @@ def sample_rows(
     rows. The arithmetic is batched; only top_k, top_p (where set) and the draw run per row.
     """
     rows = logits.shape[0]
-    nan = torch.isnan(logits).any(dim=1)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
     drawn = [i for i, p in enumerate(params) if p.temperature != 0.0]
     out = [0] * rows
     if greedy:
         sub = logits[greedy] if len(greedy) < rows else logits
-        for i, t in zip(greedy, torch.where(nan[greedy], -1, sub.argmax(dim=1)).tolist()):
+        picked = torch.where(torch.isnan(sub).any(dim=1), -1, sub.argmax(dim=1))
+        for i, t in zip(greedy, picked.tolist()):
             out[i] = t
     if not drawn:
         return out
     x = (logits[drawn] if len(drawn) < rows else logits).detach().to("cpu", torch.float64)
-    bad = nan[drawn].tolist()
+    bad = torch.isnan(x).any(dim=1).tolist()  # on the host copy: no second transfer
     temps = torch.tensor([params[i].temperature for i in drawn], dtype=torch.float64)
     # [drawn, vocab]; each row's max entry is 0 (NaN rows are dropped below).
     scaled = (x - x.max(dim=1, keepdim=True).values) / temps[:, None]

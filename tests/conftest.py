@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from parrot_actors.engines import Engine, EngineConfig
+
+# A Ray call made before `ray.init` (by code under test or a test's stand-in) must fail, not
+# start a local Ray instance in this process that outlives its test and serves the later ones
+# (Ray reads this when it is first imported; see ray/_private/auto_init_hook.py).
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 TINY = {
     "hidden_size": 64,

@@ -1,7 +1,8 @@
 """Every engine implementation conforms to the one engine contract (`EngineClient`): the local
 `Engine` (tiny random model), the fake `EchoEngine`, and the Ray proxy `RayEngine` (over an
-in-process stand-in for its actor that forwards to a tiny `Engine`, so no cluster is needed).
-Each check runs against each implementation."""
+in-process stand-in for its actor that forwards to a tiny `Engine`, so no cluster is needed;
+`ray.cancel` is replaced for it, since the real one would start a local Ray instance that
+outlives this module). Each check runs against each implementation."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ class StandInActor:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.cancelled: list[object] = []  # the streams the proxy cancelled, in order
+
+    def cancel(self, stream: object) -> None:
+        """`ray.cancel` of one of this stand-in's streams: recorded, and the stream closed."""
+        assert hasattr(stream, "aclose"), f"ray.cancel of {stream!r}, not a stand-in stream"
+        self.cancelled.append(stream)
+        asyncio.ensure_future(stream.aclose())
 
     def __getattr__(self, method: str) -> object:
         actor = self
@@ -87,8 +95,12 @@ async def engine(request):
                 incarnation="inc0",
                 stats=local.stats(),
             )
-            proxy = RayEngine(StandInActor(local), info, local.tokenizer)
-            yield proxy
+            actor = StandInActor(local)
+            proxy = RayEngine(actor, info, local.tokenizer)
+            proxy.stand_in = actor  # for the checks that look at cancellation
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr("parrot_actors.ray.proxy.ray.cancel", actor.cancel)
+                yield proxy
             await proxy.close()
     finally:
         if kind != "echo":
@@ -154,6 +166,9 @@ async def test_closing_a_stream_early_then_freeing(engine: EngineClient):
     async for _ in stream:
         break
     await stream.aclose()
+    stand_in = getattr(engine, "stand_in", None)
+    if stand_in is not None:  # the Ray proxy cancels the actor's stream it stopped reading
+        assert len(stand_in.cancelled) == 1
     await engine.free_context("s")
     await engine.flush()
     await asyncio.sleep(0)

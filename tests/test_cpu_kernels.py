@@ -174,16 +174,17 @@ def test_rope_store_kv_rotates_in_place_and_writes_the_cache(kernels: None) -> N
         rope_store_kv_(qkv, pos, cos, sin, cache, slots + 100, n_q, n_kv)
 
 
+# Five sequences: one token, a full block, across blocks, a block's remainder; each work item
+# takes all kv heads of a sequence. One sequence: one kv head per work item.
+@pytest.mark.parametrize("lens", [[1, 4, 5, 17, 30], [30]], ids=["5seqs", "1seq"])
 @pytest.mark.parametrize("n_q,n_kv,hd", [(8, 2, 16), (9, 3, 64), (4, 4, 12)])
 def test_paged_decode_attention_equals_the_torch_path(
-    kernels: None, n_q: int, n_kv: int, hd: int
+    kernels: None, n_q: int, n_kv: int, hd: int, lens: list[int]
 ) -> None:
     bs = 4
     gen = torch.Generator().manual_seed(n_q * 10 + hd)
     cache = torch.randn(40, 2, bs, n_kv, hd, generator=gen) * 3
     perm = torch.randperm(40, generator=gen).tolist()
-    # Lengths: one token, a full block, across blocks, and a block's remainder.
-    lens = [1, 4, 5, 17, 30]
     decodes, used = [], 0
     for n in lens:
         nb = -(-n // bs)
@@ -204,10 +205,10 @@ def test_paged_decode_attention_equals_the_torch_path(
     for row, s in enumerate(decodes):
         tables[row, : len(s.block_table)] = torch.tensor(s.block_table)
     with pytest.raises(RuntimeError, match="lens\\[0\\] = 0 outside"):
-        paged_decode_attention(q, cache, tables, torch.tensor([0, 4, 5, 17, 30]), 0.1)
-    tables[4, 7] = 40
+        paged_decode_attention(q, cache, tables, torch.tensor([0] + lens[1:]), 0.1)
+    tables[-1, 7] = 40
     with pytest.raises(RuntimeError, match="block id 40 outside"):
-        paged_decode_attention(q, cache, tables, torch.tensor([1, 4, 5, 17, 32]), 0.1)
+        paged_decode_attention(q, cache, tables, torch.tensor(lens[:-1] + [32]), 0.1)
 
 
 def _logits(runner: LlamaRunner, token_ids: list[int]) -> torch.Tensor:

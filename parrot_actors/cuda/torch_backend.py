@@ -122,8 +122,10 @@ class TorchAttention:
             max_blocks = max(len(t) for t in own)
             blocks = host_ints([list(t) + [0] * (max_blocks - len(t)) for t in own], dev)
             kv_lens = host_ints(lens, dev)  # [batch]
-            valid = torch.arange(max_blocks * bs, device=dev)[None, :] < kv_lens[:, None]
-            self._decode = (blocks, valid, kv_lens)
+            mask: torch.Tensor | None = None
+            if not (self.decode_kernel and not self._shared):  # the kernel reads kv_lens
+                mask = torch.arange(max_blocks * bs, device=dev)[None, :] < kv_lens[:, None]
+            self._decode = (blocks, mask, kv_lens)
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """q `[num_tokens, num_heads, head_dim]` -> out, same shape and dtype."""
@@ -170,6 +172,7 @@ class TorchAttention:
             from parrot_actors.engines.cpu_kernels import paged_decode_attention
 
             return paged_decode_attention(q, kv_cache, blocks, kv_lens, self.scale)
+        assert valid is not None, "plan() builds the mask whenever the kernel is not used"
         k, v = gather_blocks(kv_cache, blocks)  # [batch, max_len, num_kv_heads, head_dim] each
         if not self._shared:
             # No shared prefix: one fused SDPA call, no log-sum-exp needed.

@@ -30,12 +30,14 @@ class StandInActor:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.cancelled: list[object] = []  # the streams the proxy cancelled, in order
+        self.closing: list[asyncio.Future] = []
 
     def cancel(self, stream: object) -> None:
         """`ray.cancel` of one of this stand-in's streams: recorded, and the stream closed."""
         assert hasattr(stream, "aclose"), f"ray.cancel of {stream!r}, not a stand-in stream"
         self.cancelled.append(stream)
-        asyncio.ensure_future(stream.aclose())
+        # Held, so the closing task is not collected before it runs (asyncio's create_task docs).
+        self.closing.append(asyncio.ensure_future(stream.aclose()))
 
     def __getattr__(self, method: str) -> object:
         actor = self

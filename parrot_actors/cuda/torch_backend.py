@@ -122,8 +122,9 @@ class TorchAttention:
             max_blocks = max(len(t) for t in own)
             blocks = host_ints([list(t) + [0] * (max_blocks - len(t)) for t in own], dev)
             kv_lens = host_ints(lens, dev)  # [batch]
+            # No mask (None) when the decode kernel runs this step: it reads kv_lens.
             mask: torch.Tensor | None = None
-            if not (self.decode_kernel and not self._shared):  # the kernel reads kv_lens
+            if not self.decode_kernel or self._shared:
                 mask = torch.arange(max_blocks * bs, device=dev)[None, :] < kv_lens[:, None]
             self._decode = (blocks, mask, kv_lens)
 
@@ -168,11 +169,10 @@ class TorchAttention:
         g = self.num_heads // kvh
         assert self._decode is not None, "plan() set the decode batch"
         blocks, valid, kv_lens = self._decode
-        if self.decode_kernel and not self._shared:
+        if valid is None:  # plan() chose the decode kernel for this step
             from parrot_actors.engines.cpu_kernels import paged_decode_attention
 
             return paged_decode_attention(q, kv_cache, blocks, kv_lens, self.scale)
-        assert valid is not None, "plan() builds the mask whenever the kernel is not used"
         k, v = gather_blocks(kv_cache, blocks)  # [batch, max_len, num_kv_heads, head_dim] each
         if not self._shared:
             # No shared prefix: one fused SDPA call, no log-sum-exp needed.

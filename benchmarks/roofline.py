@@ -12,6 +12,7 @@ tokens per decode sequence) it is under 1% of the weight bytes.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,20 @@ def measure(read_mib: int = 512, gemm_n: int = 2048, repeats: int = 5) -> Machin
         read_gb_s=big.numel() * 4 / best_read / 1e9,
         gemm_gflop_s=2 * gemm_n**3 / best_gemm / 1e9,
         threads=torch.get_num_threads(),
+    )
+
+
+def median_machine(probes: list[Machine]) -> Machine:
+    """The median read rate and the median GEMM rate of several `measure()` probes (each
+    median taken alone). Why: on a shared host both rates move by tens of percent within
+    minutes, so the benchmark probes beside each cell and bounds the cell by the machine it
+    ran on. Raises `ValueError` when `probes` is empty."""
+    if not probes:
+        raise ValueError("median_machine needs at least one probe, got none")
+    return Machine(
+        read_gb_s=statistics.median(p.read_gb_s for p in probes),
+        gemm_gflop_s=statistics.median(p.gemm_gflop_s for p in probes),
+        threads=probes[0].threads,
     )
 
 

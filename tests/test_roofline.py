@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from roofline import Machine, ModelShape, decode_bound, measure, prefill_bound  # noqa: E402
+from roofline import (  # noqa: E402
+    Machine,
+    ModelShape,
+    decode_bound,
+    measure,
+    median_machine,
+    prefill_bound,
+)
 
 # 1 GB of weights, 10 GB/s: a weight read takes 0.1 s; 100 GFLOP/s: 5e8 flops per token.
 SHAPE = ModelShape(params=250_000_000, bytes_per_param=4, hidden=1000, layers=10)
@@ -32,3 +39,12 @@ def test_measuring_the_machine_gives_finite_rates():
     m = measure(read_mib=8, gemm_n=128, repeats=2)
     assert 0.1 < m.read_gb_s < 10_000 and 0.1 < m.gemm_gflop_s < 100_000
     assert m.threads >= 1
+
+
+def test_a_cell_is_bounded_by_the_median_of_its_probes():
+    probes = [Machine(30.0, 180.0, 2), Machine(45.0, 100.0, 2), Machine(60.0, 140.0, 2)]
+    assert median_machine(probes) == Machine(read_gb_s=45.0, gemm_gflop_s=140.0, threads=2)
+    # An even count averages the middle two, each rate on its own.
+    assert median_machine(probes[:2]) == Machine(read_gb_s=37.5, gemm_gflop_s=140.0, threads=2)
+    with pytest.raises(ValueError, match="at least one probe"):
+        median_machine([])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from parrot_actors.cuda.layout import BatchLayout, SeqLayout
 from parrot_actors.cuda.torch_backend import TorchAttention
-from parrot_actors.engines import Engine, EngineConfig, cpu_kernels
+from parrot_actors.engines import Engine, EngineConfig, cpu_kernels, llama
 from parrot_actors.engines.cpu_kernels import (
     PackedWeight,
     add_rms_norm_,
@@ -236,6 +236,69 @@ def test_runner_with_kernels_matches_torch_linear(kernels: None) -> None:
     assert isinstance(plain.layers[0].qkv, torch.Tensor)
     ids = [5, 17, 300, 4000, 12, 9, 77, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     torch.testing.assert_close(_logits(packed, ids), _logits(plain, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_decode_step_in_one_call_per_layer_equals_the_op_path(
+    kernels: None, int8: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three sequences prefilled, then one decode step run both ways on copies of the cache:
+    # whole layers through decoder_layer, and op by op through the backend. Same kernels in
+    # the same order, so the logits and the cache agree bit for bit.
+    loaded = random_model(dict(TINY, hidden_size=96, intermediate_size=160), seed=5)
+    cpu = torch.device("cpu")
+    runner = LlamaRunner(
+        loaded, cpu, torch.float32, TorchAttention(4, 2, 24, cpu, decode_kernel=True), True, int8
+    )
+    kv = runner.allocate_kv(12, 4)
+    lens, tables = [3, 9, 6], [(0,), (1, 2, 3), (4, 5)]
+    prompts = [[7 * i + j for j in range(n)] for i, n in enumerate(lens)]
+    fill = BatchLayout(4, prefills=tuple(SeqLayout(n, n, t) for n, t in zip(lens, tables)))
+    runner.forward(sum(prompts, []), sum((list(range(n)) for n in lens), []), fill, kv, [0])
+    tables[0] = (0, 6)  # the first sequence's fourth token opens a second block
+    step = BatchLayout(4, decodes=tuple(SeqLayout(1, n + 1, t) for n, t in zip(lens, tables)))
+    args = ([11, 12, 13], lens, step)
+    calls = []
+    real = llama.decoder_layer
+    monkeypatch.setattr(llama, "decoder_layer", lambda *a: calls.append(1) or real(*a))
+    kv_fused = [c.clone() for c in kv]
+    fused = runner.forward(*args, kv_fused, [0, 1, 2])
+    assert len(calls) == runner.num_layers  # the step took the one-call-per-layer path
+    monkeypatch.setattr(runner, "_fused_attention", None)
+    kv_ops = [c.clone() for c in kv]
+    ops = runner.forward(*args, kv_ops, [0, 1, 2])
+    assert len(calls) == runner.num_layers
+    assert torch.equal(fused, ops)
+    assert all(torch.equal(a, b) for a, b in zip(kv_fused, kv_ops))
+    assert not torch.equal(kv_fused[0], kv[0])  # the step wrote its K/V
+
+
+def test_decoder_layer_only_for_decode_steps_and_checks_its_operands(kernels: None) -> None:
+    cpu = torch.device("cpu")
+    attention = TorchAttention(4, 2, 16, cpu, decode_kernel=True)
+    with pytest.raises(RuntimeError, match="before plan"):
+        attention.kernel_decode()
+    attention.plan(BatchLayout(4, prefills=(SeqLayout(2, 2, (0,)),)))
+    assert attention.kernel_decode() is None  # a prefill takes the op path
+    attention.plan(BatchLayout(4, decodes=(SeqLayout(1, 5, (3, 1)),)))
+    plan = attention.kernel_decode()
+    assert plan is not None
+    assert plan[0].tolist() == [[3, 1]] and plan[1].tolist() == [5] and plan[2] == 0.25
+    torch_only = TorchAttention(4, 2, 16, cpu)
+    torch_only.plan(BatchLayout(4, decodes=(SeqLayout(1, 5, (3, 1)),)))
+    assert torch_only.kernel_decode() is None  # no decode kernel: it builds a mask instead
+    x = torch.zeros(1, 64)
+    w = pack_weight(torch.zeros(64, 64))
+    ops = cpu_kernels.layer_operands(w, w, w, w)
+    ops.weights.pop()
+    with pytest.raises(RuntimeError, match="need 4 weights"):
+        cpu_kernels.decoder_layer(
+            x, x, ops, x[0], None, torch.zeros(2, 2, 4, 2, 16), torch.zeros(1, dtype=torch.long),
+            torch.zeros(8, 16), torch.zeros(8, 16), torch.zeros(2, dtype=torch.long),
+            plan[0], plan[1], 4, 2, 1e-5, 0.25,
+        )  # fmt: skip
+    with pytest.raises(EngineError, match="all be int8 or all float32"):
+        cpu_kernels.layer_operands(w, w, w, pack_weight_int8(torch.ones(64, 64)))
 
 
 def test_runner_refuses_kernels_off_cpu_float32() -> None:

@@ -128,6 +128,19 @@ class TorchAttention:
                 mask = torch.arange(max_blocks * bs, device=dev)[None, :] < kv_lens[:, None]
             self._decode = (blocks, mask, kv_lens)
 
+    def kernel_decode(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """For a planned step of decodes only that the decode kernel runs (no prefill, no
+        shared prefix): its block tables (int64 `[batch, max_blocks]`), KV lengths (int64
+        `[batch]`, tokens) and softmax scale, so that a caller can run whole layers in one
+        kernel call (`cpu_kernels.decoder_layer`); otherwise None. Raises `RuntimeError`
+        before `plan`."""
+        if self._layout is None:
+            raise RuntimeError("TorchAttention.kernel_decode called before plan()")
+        if self._prefill or self._decode is None or self._decode[1] is not None:
+            return None
+        blocks, _, kv_lens = self._decode
+        return blocks, kv_lens, self.scale
+
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """q `[num_tokens, num_heads, head_dim]` -> out, same shape and dtype."""
         if self._layout is None:

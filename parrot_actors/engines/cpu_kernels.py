@@ -5,10 +5,12 @@
 (`csrc/packed_linear.cpp`: the BLIS register-blocked micro-kernel, Van Zee & van de Geijn,
 TOMS 2015, section 3). At decode batch sizes it runs the step's matmuls 1.5-3x faster than
 `torch.nn.functional.linear` on the 2-core machines this project is measured on (README,
-"Measured"), because torch's BLAS is tuned for large matrices.
+"Measured"), because torch's BLAS is tuned for large matrices. The fused elementwise ops and
+paged decode attention are in `csrc/fused_ops.cpp`; `decoder_layer` runs a whole layer of a
+decode step from C++ (`csrc/decoder_layer.cpp`).
 
 The source is compiled by `torch.utils.cpp_extension` (ninja and the system C++ compiler,
-`-O3 -march=native -fopenmp`) into `cache_root()/kernels/<torch>-<cpu capability>/`: about 20 s
+`-O3 -march=native -fopenmp`) into `cache_root()/kernels/<torch>-<cpu>-<headers>/`: about 20 s
 the first time on 2 cores, a `dlopen` afterwards. Builds from several processes are serialized
 by an advisory lock (released by the kernel when its holder dies, so a killed build never
 blocks the next one). When the build fails (no compiler, no ninja), `load_kernels` returns False
@@ -18,6 +20,7 @@ with the reason in `kernel_status()` and the engine runs torch's own linear inst
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import sys
@@ -34,8 +37,14 @@ from parrot_actors.errors import EngineError
 
 log = logging.getLogger("parrot_actors.engine")
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("packed_linear.cpp", "fused_ops.cpp")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("packed_linear.cpp", "fused_ops.cpp", "decoder_layer.cpp")
+]
 """The C++ sources of the `parrot_kernels` torch library, built into one shared object."""
+HEADERS = [Path(__file__).parent / "csrc" / "kernels.h"]
+"""Headers the sources include (part of the build folder's name: torch's build cache hashes
+only the sources)."""
 PANEL = 16
 """Output columns per packed panel (must match NR in the C++ source)."""
 BUILD_LOCK_TIMEOUT_S = 300.0
@@ -46,8 +55,9 @@ _status: str | None = None  # None: not tried; "ready"; else why the kernels are
 
 
 def kernel_dir() -> Path:
-    """Build folder of the kernels for this torch version and CPU instruction set."""
-    tag = f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}".lower()
+    """Build folder of the kernels for this torch version, CPU instruction set and headers."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()[:8]
+    tag = f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".lower()
     return cache_root() / "kernels" / tag.replace("+", "_")
 
 
@@ -265,5 +275,86 @@ def paged_decode_attention(
     """
     y: torch.Tensor = torch.ops.parrot_kernels.paged_decode_attention(
         q, kv_cache, block_tables, kv_lens, scale
+    )
+    return y
+
+
+@dataclass(frozen=True)
+class LayerOperands:
+    """A decoder layer's matmul weights as `decoder_layer` takes them: `weights` the panels of
+    [qkv, o, gate_up, down], `scales` their int8 scales (empty for float32), `out_features`
+    their output widths."""
+
+    weights: list[torch.Tensor]
+    scales: list[torch.Tensor]
+    out_features: list[int]
+
+
+def layer_operands(
+    qkv: PackedWeight, o: PackedWeight, gate_up: PackedWeight, down: PackedWeight
+) -> LayerOperands:
+    """Collect one layer's packed weights for `decoder_layer` (once, at load). Raises
+    `EngineError` when some are int8 and some float32."""
+    mats = (qkv, o, gate_up, down)
+    int8 = [m.scales is not None for m in mats]
+    if any(int8) and not all(int8):
+        raise EngineError("layer_operands: the four weights must all be int8 or all float32")
+    return LayerOperands(
+        weights=[m.panels for m in mats],
+        scales=[m.scales for m in mats if m.scales is not None],
+        out_features=[m.out_features for m in mats],
+    )
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    ops: LayerOperands,
+    norm2: torch.Tensor,
+    next_norm: torch.Tensor | None,
+    kv_cache: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_lens: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """One Llama decoder layer of a decode step (one query token per sequence) in one call:
+    the same kernels in the same order as the op-by-op path (`packed_linear`,
+    `rope_store_kv_`, `paged_decode_attention`, `add_rms_norm_`, `silu_mul`), run from C++
+    so that Python is crossed once per layer instead of nine times (csrc/decoder_layer.cpp).
+
+    x: float32 `[batch, hidden]` residual stream, updated in place; h: x normed by this
+    layer's input norm; norm2: the post-attention norm `[hidden]`; next_norm: the next layer's
+    input norm, or None for the last layer; kv_cache, pos, cos, sin, kv_slots as
+    `rope_store_kv_`; block_tables `[batch, max_blocks]`, kv_lens `[batch]` as
+    `paged_decode_attention` (lengths include the new token). Returns the next layer's h
+    `[batch, hidden]`, or for the last layer the MLP output (already added into x). Needs
+    `load_kernels()`. Raises `RuntimeError` for a wrong shape, position, slot or block id.
+    """
+    y: torch.Tensor = torch.ops.parrot_kernels.decoder_layer(
+        x,
+        h,
+        ops.weights,
+        ops.scales,
+        ops.out_features,
+        norm2,
+        next_norm,
+        kv_cache,
+        pos,
+        cos,
+        sin,
+        kv_slots,
+        block_tables,
+        kv_lens,
+        num_heads,
+        num_kv_heads,
+        eps,
+        scale,
     )
     return y

@@ -19,10 +19,18 @@ import torch.nn.functional as F
 
 from parrot_actors.cuda.backend import AttentionBackend
 from parrot_actors.cuda.layout import BatchLayout
-from parrot_actors.cuda.torch_backend import host_ints, kv_slot_rows, write_kv_flat
+from parrot_actors.cuda.torch_backend import (
+    TorchAttention,
+    host_ints,
+    kv_slot_rows,
+    write_kv_flat,
+)
 from parrot_actors.engines.cpu_kernels import (
+    LayerOperands,
     PackedWeight,
     add_rms_norm_,
+    decoder_layer,
+    layer_operands,
     pack_weight,
     pack_weight_int8,
     packed_linear,
@@ -77,6 +85,12 @@ class _Layer:
         self.down = mat(w("mlp.down_proj.weight"))  # [hidden, intermediate]
         self.norm1 = w("input_layernorm.weight")  # [hidden]
         self.norm2 = w("post_attention_layernorm.weight")  # [hidden]
+        # The same weights as `decoder_layer` takes them (packed only).
+        self.operands: LayerOperands | None = None
+        if isinstance(self.qkv, PackedWeight):
+            mats = (self.qkv, self.o, self.gate_up, self.down)
+            assert all(isinstance(m, PackedWeight) for m in mats), "packed together"
+            self.operands = layer_operands(*mats)  # type: ignore[arg-type]
 
 
 class LlamaRunner:
@@ -108,6 +122,8 @@ class LlamaRunner:
         if int8 and not kernels:
             raise EngineError("int8 weights run only in the packed CPU kernels (kernels=True)")
         self.kernels, self.int8 = kernels, int8
+        # Decode steps run whole layers in one kernel call where this backend plans them.
+        self._fused_attention = backend if kernels and isinstance(backend, TorchAttention) else None
         self.num_layers = int(cfg.num_hidden_layers)
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(cfg.num_key_value_heads or self.num_heads)
@@ -219,17 +235,39 @@ class LlamaRunner:
         the tokens whose next-token logits are wanted (the last new token of each sequence that
         samples or finishes a fill). Returns float32 `[len(logit_rows), vocab_size]`.
         With the kernels, each residual add is fused into the next norm and rotary into the
-        KV write (`cpu_kernels`): 9 ops per layer instead of ~30.
+        KV write (`cpu_kernels`): 9 ops per layer instead of ~30, and a step of decodes only
+        runs each layer as one `decoder_layer` call.
         """
         dev = self.device
         ids = host_ints(token_ids, dev)  # [T]
         pos = host_ints(positions, dev)  # [T]
         kv_slots = kv_slot_rows(layout, dev)  # [2T] rows of the flat cache
         self.backend.plan(layout)
-        n_q, hd = self.num_heads, self.head_dim
-        cos_sin = None if self.kernels else (self.cos[pos][:, None, :], self.sin[pos][:, None, :])
         x = self.embed[ids]  # [T, hidden], a copy: the residual stream is updated in place
         h = self._rms(x, self.layers[0].norm1)
+        fused = self._fused_attention
+        dec = fused.kernel_decode() if fused is not None else None
+        if dec is not None:
+            self._decode_layers(x, h, pos, kv_slots, kv_caches, *dec)
+        else:
+            self._op_layers(x, h, pos, kv_slots, kv_caches)
+        rows = host_ints(logit_rows, dev)
+        h = self._rms(x[rows], self.final_norm)  # [R, hidden]
+        return _linear(h, self.lm_head).float()  # [R, vocab]
+
+    def _op_layers(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        kv_slots: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+    ) -> None:
+        """Every layer of any step (prefills, decodes, shared prefixes), op by op through
+        the attention backend: x `[T, hidden]` ends as the last layer's residual stream. h: x
+        normed by the first layer's input norm; pos `[T]`; kv_slots `[2T]`."""
+        n_q, hd = self.num_heads, self.head_dim
+        cos_sin = None if self.kernels else (self.cos[pos][:, None, :], self.sin[pos][:, None, :])
         last = len(self.layers) - 1
         for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             q = self._rope_store(_linear(h, layer.qkv), pos, cos_sin, cache, kv_slots)
@@ -240,6 +278,40 @@ class LlamaRunner:
                 h = self._add_rms(x, mlp, self.layers[i + 1].norm1)
             else:
                 x.add_(mlp)
-        rows = host_ints(logit_rows, dev)
-        h = self._rms(x[rows], self.final_norm)  # [R, hidden]
-        return _linear(h, self.lm_head).float()  # [R, vocab]
+
+    def _decode_layers(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        kv_slots: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        block_tables: torch.Tensor,
+        kv_lens: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """Every layer of a decode step, one `cpu_kernels.decoder_layer` call each (the same
+        kernels in the same order as `_op_layers`, from C++): x `[batch, hidden]` ends as the
+        last layer's residual stream. h: x normed by the first layer's input norm;
+        block_tables, kv_lens, scale: the attention backend's plan for the step."""
+        last = len(self.layers) - 1
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
+            assert layer.operands is not None, "kernels=True packs every layer"
+            h = decoder_layer(
+                x,
+                h,
+                layer.operands,
+                layer.norm2,
+                self.layers[i + 1].norm1 if i < last else None,
+                cache,
+                pos,
+                self.cos,
+                self.sin,
+                kv_slots,
+                block_tables,
+                kv_lens,
+                self.num_heads,
+                self.num_kv_heads,
+                self.eps,
+                scale,
+            )

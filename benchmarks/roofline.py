@@ -63,6 +63,29 @@ def measure(read_mib: int = 512, gemm_n: int = 2048, repeats: int = 5) -> Machin
     )
 
 
+def cpu_jiffies(stat: str = "/proc/stat") -> tuple[int, int] | None:
+    """(steal, total) CPU time of all cores so far, in jiffies, from Linux's `/proc/stat`
+    (the `cpu` line: user nice system idle iowait irq softirq steal ...); None where there is
+    no such file. Steal is time the hypervisor ran something else while this machine's vCPUs
+    wanted to run: on a shared host it slows every column of a cell alike."""
+    try:
+        with open(stat) as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    return fields[7], sum(fields)
+
+
+def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Percent of the CPU time between two `cpu_jiffies` readings that was stolen (None when
+    either reading is missing or no time passed)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def median_machine(probes: list[Machine]) -> Machine:
     """The median read rate and the median GEMM rate of several `measure()` probes (each
     median taken alone). Why: on a shared host both rates move by tens of percent within

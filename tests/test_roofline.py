@@ -11,10 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from roofline import (  # noqa: E402
     Machine,
     ModelShape,
+    cpu_jiffies,
     decode_bound,
     measure,
     median_machine,
     prefill_bound,
+    steal_percent,
 )
 
 # 1 GB of weights, 10 GB/s: a weight read takes 0.1 s; 100 GFLOP/s: 5e8 flops per token.
@@ -48,3 +50,15 @@ def test_a_cell_is_bounded_by_the_median_of_its_probes():
     assert median_machine(probes[:2]) == Machine(read_gb_s=37.5, gemm_gflop_s=140.0, threads=2)
     with pytest.raises(ValueError, match="at least one probe"):
         median_machine([])
+
+
+def test_steal_is_read_from_proc_stat(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n")
+    assert cpu_jiffies(str(stat)) == (40, 1000)
+    assert steal_percent((40, 1000), (70, 1200)) == pytest.approx(15.0)
+    assert steal_percent(None, (70, 1200)) is None
+    assert steal_percent((40, 1000), (40, 1000)) is None  # no time passed
+    assert cpu_jiffies(str(tmp_path / "missing")) is None
+    stat.write_text("cpu  1 2 3\n")
+    assert cpu_jiffies(str(stat)) is None  # too few fields

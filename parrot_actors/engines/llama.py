@@ -9,7 +9,7 @@ layer does three matmuls instead of seven. With `kernels=True` (CPU, float32) ev
 the engine's packed kernel (`cpu_kernels.packed_linear`) over weights packed once at load, and
 the elementwise work runs fused (`cpu_kernels`: residual add + RMSNorm, rotary + KV write,
 SwiGLU); decode attention is the backend's (`TorchAttention(decode_kernel=True)` reads the paged
-blocks in place).
+blocks in place), and a step of decodes only runs each layer as one `decoder_layer` call.
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ inline void tile(const float* __restrict x, int64_t ldx, const W* __restrict wp,
   for (int64_t k = 0; k < K; ++k) {
     // Why: with 4 or more rows a tile does enough FMAs per weight row that the hardware
     // prefetcher falls behind and each new panel starts from DRAM; fetching the next panel one
-    // row per k (a float row is one 64-byte line) during this one ran the step's matmuls
-    // 1.25x faster at 32 rows and 1.5x at 8 (README, "Measured"). With fewer rows the loop is
-    // bound by the read itself and the extra prefetches cost ~3% instead.
+    // row per k (a float row is one 64-byte line) during this one ran a step's 121 matmuls
+    // 1.2-1.26x faster at 32 rows and ~1.5x at 8 (README, "Measured"). With one row the loop
+    // is bound by the read itself and the extra prefetches cost 3-7% instead.
     if constexpr (R >= 4) _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T1);
     __m256 w0, w1;
     load_row(wp + k * NR, w0, w1);

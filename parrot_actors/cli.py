@@ -1,6 +1,7 @@
 """The `parrot-actors` command line.
 
   parrot-actors serve [--model M] [--engines N] [--host H] [--port P]   run the service
+  parrot-actors serve --sim a100 --sim-model llama-3-8b   the service on simulated GPUs
   parrot-actors demo [--url URL]        WriteSnakeGame and a map-reduce summary
   parrot-actors run APP.py [--url URL] [-- ARGS]   run the async `main` of your app
   parrot-actors chaos --url URL [--minutes M]      random aborts and bad inputs, then a table
@@ -52,6 +53,20 @@ def engine_specs(args: argparse.Namespace) -> list[EngineConfig | EngineClient]:
         return [EchoEngine(name=f"echo{i}") for i in range(n)]
     from parrot_actors.engines.engine import EngineConfig
 
+    if args.sim:
+        from parrot_actors.engines.sim import SimConfig
+
+        sim = SimConfig(
+            gpu=args.sim,
+            model=args.sim_model,
+            kv_cache_gb=args.sim_kv_gb,
+            tensor_parallel=args.sim_tp,
+            fit=args.sim_fit,
+        )
+        return [
+            EngineConfig(name=f"engine{i}", device="sim", sim=sim, max_running=256)
+            for i in range(n)
+        ]
     extra: _ModelOptions = {}
     if args.random_model:
         extra["random_model"] = json.loads(args.random_model)
@@ -201,6 +216,20 @@ def _engine_options() -> argparse.ArgumentParser:
         metavar="JSON",
         help="random weights with these LlamaConfig fields instead of --model (benchmarks)",
     )
+    g.add_argument(
+        "--sim",
+        metavar="GPU",
+        help="simulated engines instead of a model: the real engine core on GPU's step-time "
+        "model (a100-80gb, a6000, h100, cpu-fitted), each step lasting its predicted time",
+    )
+    g.add_argument(
+        "--sim-model",
+        default="llama-2-7b",
+        help="the simulated model: llama-2-7b, vicuna-13b, llama-3-8b, ... or a config.json",
+    )
+    g.add_argument("--sim-kv-gb", type=float, help="simulated KV cache per engine (GB)")
+    g.add_argument("--sim-tp", type=int, default=1, help="simulated GPUs per engine")
+    g.add_argument("--sim-fit", help="step-time fit JSON (for --sim cpu-fitted)")
     return p
 
 

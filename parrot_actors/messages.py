@@ -213,7 +213,10 @@ class EngineStats(msgspec.Struct, kw_only=True):
     max_model_len: the longest context the model holds (tokens).
     healthy: False while the engine's loop is down (between a failure and its rebuild).
     restarts: rebuilds after a failure of the loop. last_error: the latest such failure
-    ("" if none).
+    ("" if none). step_time: the engine's step-time model: for a real engine the least-squares
+    fit of its measured steps (`StepTimeFit.summary()`: seconds per unit of each feature,
+    `samples`, `median_abs_error` and `p90_abs_error` relative to the measured time; empty
+    until enough steps ran); for a simulated engine `simulated_s` (seconds of steps predicted).
     """
 
     name: str = "engine0"
@@ -237,3 +240,4 @@ class EngineStats(msgspec.Struct, kw_only=True):
     healthy: bool = True
     restarts: int = 0
     last_error: str = ""
+    step_time: dict[str, float] = msgspec.field(default_factory=dict)

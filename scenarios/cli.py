@@ -22,8 +22,9 @@ ENGINE_DEFAULTS = {
     "chain_summary": {"max_running": 8},
     "agent_sessions": {"baseline_apc": True, "kv_cache_mb": 640.0},
 }
-"""Per-scenario engine defaults. Chain summary: both modes' engine runs 8 sequences at most,
-so background load queues (Fig. 12a's setting: the chain competes for batch slots). Agent
+"""Per-scenario engine defaults. Chain summary: both modes' engine runs 8 sequences at most on
+this CPU (not in simulated runs), so background load queues (Fig. 12a's setting: the chain
+competes for batch slots). Agent
 sessions: the baseline has automatic prefix caching (what vLLM and SGLang users run), and the
 KV cache holds about 14k tokens of the embedded model (46 KiB each in float32): the sessions'
 contexts fit, the one-shot prompts churn the rest."""
@@ -37,10 +38,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="engine device: cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", help="engine dtype (bfloat16 on a GPU)")
     p.add_argument("--engines", type=int, default=1, help="engines per service")
-    p.add_argument("--max-running", type=int, default=64, help="engine: sequences per step")
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="engine: tokens per step")
+    p.add_argument(
+        "--max-running", type=int, help="engine: sequences per step (64; simulated 256)"
+    )
+    p.add_argument(
+        "--max-batch-tokens", type=int, help="engine: tokens per step (2048; simulated 8192)"
+    )
     p.add_argument("--kv-cache-mb", type=float, default=2048.0, help="engine: KV cache MiB")
-    p.add_argument("--timeout", type=float, default=1800.0, help="limit of one mode's run (s)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="limit of one mode's run (s; default 1800, simulated runs 86400 simulated s)",
+    )
     p.add_argument("--throughput-cap", type=int, default=64, help="Parrot: throughput calls/engine")
     p.add_argument(
         "--baseline-tuning",
@@ -54,6 +64,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/bench", help="folder for SCENARIO.json / .png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--strict", action="store_true", help="exit 1 if modes' outputs differ")
+    sim = p.add_argument_group("simulated engines (simulated time; engines/sim.py)")
+    sim.add_argument(
+        "--sim",
+        metavar="GPU",
+        help="simulated engines on GPU (a100-80gb / a100, a6000, h100, cpu-fitted), run in "
+        "simulated time",
+    )
+    sim.add_argument("--sim-model", default="llama-2-7b", help="simulated model (or config.json)")
+    sim.add_argument("--sim-dtype", default="float16", help="simulated weights and KV dtype")
+    sim.add_argument("--sim-kv-gb", type=float, help="simulated KV cache per engine (GB)")
+    sim.add_argument("--sim-tp", type=int, default=1, help="simulated GPUs per engine")
+    sim.add_argument("--sim-fit", help="step-time fit JSON (needed by --sim cpu-fitted)")
 
 
 def parser(prog: str = "python -m scenarios") -> argparse.ArgumentParser:
@@ -75,9 +97,9 @@ def parser(prog: str = "python -m scenarios") -> argparse.ArgumentParser:
         )
         _common(sp)
         mod.add_args(sp)
-        sp.set_defaults(
-            **{k.replace("-", "_"): v for k, v in ENGINE_DEFAULTS.get(name, {}).items()}
-        )
+        defaults = dict(ENGINE_DEFAULTS.get(name, {}))
+        # Engine sizes for this CPU; a simulated GPU run takes the GPU defaults instead.
+        sp.set_defaults(cpu_max_running=defaults.pop("max_running", None), **defaults)
     sub.add_parser("list", help="list the scenarios and their figures")
     rep = sub.add_parser("report", help="run the measured set and write docs/results.md")
     rep.add_argument("--only", nargs="*", help="run only these entries (names)")

@@ -9,9 +9,9 @@ answer, send the next, paying a simulated network round trip per request (Parrot
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
+from parrot_actors import clock
 from scenarios.records import AppRecord, CallRecord
 
 
@@ -38,7 +38,7 @@ class RunContext:
     outputs: dict[str, str] = field(default_factory=dict)
     round_trips: int = 0
     extra: dict[str, float] = field(default_factory=dict)
-    t0: float = field(default_factory=time.perf_counter)
+    t0: float = field(default_factory=clock.now)
 
     @property
     def parrot(self) -> bool:
@@ -47,7 +47,7 @@ class RunContext:
 
     def now(self) -> float:
         """Seconds since the run started."""
-        return time.perf_counter() - self.t0
+        return clock.now() - self.t0
 
     def count(self, text: str) -> int:
         """Tokens of `text` (the served model's tokenizer, no special tokens)."""

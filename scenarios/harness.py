@@ -13,17 +13,24 @@ import argparse
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TypeVar
 
 import msgspec
 import openai
 
 import parrot_actors as pa
+from parrot_actors import clock, simtime
 from parrot_actors.engines.engine import EngineConfig
+from parrot_actors.engines.sim import SimConfig
 from parrot_actors.server import BackgroundServer, ServerConfig
+from parrot_actors.server.app import Server, start_server
 from scenarios.context import RunContext
 from scenarios.records import CallRecord, ModeResult, TokenStats
+
+T = TypeVar("T")
 
 TINY_MODEL = {
     "hidden_size": 64,
@@ -43,6 +50,16 @@ THROUGHPUT_TUNED = {"max_running": 64, "max_batch_tokens": 4096}
 """Engine settings of the throughput-tuned baseline: large batches and prefill chunks."""
 _TUNINGS = {"latency": LATENCY_TUNED, "throughput": THROUGHPUT_TUNED}
 
+SIM_LATENCY_TUNED = {"kv_tokens": 4096}
+"""The paper's latency-tuned vLLM (`../shared/paper_figures.md`, common setup): KV cache capped
+at 4096 tokens (7096 in Fig. 17: `--sim-latency-kv-tokens`), so batches stay small."""
+SIM_THROUGHPUT_TUNED = {"max_batch_tokens": 8000}
+"""The paper's throughput-tuned vLLM: KV uncapped, `--max-num-batched-tokens 8000`."""
+SIM_MAX_RUNNING = 256
+"""Sequences per step of a simulated engine: vLLM's default `max_num_seqs`."""
+SIM_MAX_BATCH_TOKENS = 8192
+"""Tokens per step of a simulated engine (Parrot and the "same" baseline)."""
+
 
 @dataclass
 class ModeSpec:
@@ -58,11 +75,14 @@ class ModeSpec:
 
 
 def engine_configs(args: argparse.Namespace, tuning: dict | None = None) -> list[EngineConfig]:
-    """`args.engines` engine configs: the tiny random model with `--tiny`, else `--model`;
-    `--max-running` / `--max-batch-tokens` unless `tuning` overrides them."""
+    """`args.engines` engine configs: simulated GPUs with `--sim`, the tiny random model with
+    `--tiny`, else `--model`; `--max-running` / `--max-batch-tokens` unless `tuning` overrides
+    them."""
+    if args.sim:
+        return _sim_configs(args, tuning)
     kw: dict = {
-        "max_running": args.max_running,
-        "max_batch_tokens": args.max_batch_tokens,
+        "max_running": args.max_running or getattr(args, "cpu_max_running", None) or 64,
+        "max_batch_tokens": args.max_batch_tokens or 2048,
         "kv_cache_bytes": int(args.kv_cache_mb * (1 << 20)),
         "device": args.device,
         "dtype": args.dtype,
@@ -73,6 +93,46 @@ def engine_configs(args: argparse.Namespace, tuning: dict | None = None) -> list
     else:
         kw["model"] = args.model
     return [EngineConfig(name=f"engine{i}", **kw) for i in range(max(1, args.engines))]
+
+
+def _sim_configs(args: argparse.Namespace, tuning: dict | None) -> list[EngineConfig]:
+    """Simulated engines (`SimConfig` from the `--sim*` flags); `tuning` may cap the KV cache
+    (`kv_tokens`) or set engine fields."""
+    tuning = dict(tuning or {})
+    kv_tokens = tuning.pop("kv_tokens", None)
+    cpu = args.sim == "cpu-fitted"
+    kv_gb = args.sim_kv_gb
+    if cpu and kv_gb is None:  # the CPU engine's own KV budget, as in the run it stands for
+        kv_gb = args.kv_cache_mb * (1 << 20) / 1e9
+    sim = SimConfig(
+        gpu=args.sim,
+        model=args.sim_model,
+        dtype=args.sim_dtype,
+        kv_cache_gb=kv_gb,
+        tensor_parallel=args.sim_tp,
+        fit=args.sim_fit,
+        kv_tokens=kv_tokens,
+    )
+    # A fitted CPU engine keeps the CPU engine's sizes, so that it stands for that engine.
+    running = (getattr(args, "cpu_max_running", None) or 64) if cpu else SIM_MAX_RUNNING
+    kw: dict = {
+        "max_running": args.max_running or running,
+        "max_batch_tokens": args.max_batch_tokens or (2048 if cpu else SIM_MAX_BATCH_TOKENS),
+        "device": "sim",
+        "sim": sim,
+    }
+    if cpu:
+        kw["throughput_step_tokens"] = 64  # the CPU engine's "auto"
+    kw.update(tuning)
+    return [EngineConfig(name=f"engine{i}", **kw) for i in range(max(1, args.engines))]
+
+
+def _tunings(args: argparse.Namespace) -> dict[str, dict]:
+    if not args.sim:
+        return _TUNINGS
+    latency = dict(SIM_LATENCY_TUNED)
+    latency["kv_tokens"] = getattr(args, "sim_latency_kv_tokens", None) or latency["kv_tokens"]
+    return {"latency": latency, "throughput": SIM_THROUGHPUT_TUNED}
 
 
 def mode_specs(
@@ -91,7 +151,7 @@ def mode_specs(
             ModeSpec(
                 label,
                 mode,
-                engine_configs(args, _TUNINGS.get(tuning)),
+                engine_configs(args, _tunings(args).get(tuning)),
                 parrot if mode == "parrot" else base,
                 label,
             )
@@ -103,7 +163,7 @@ def mode_specs(
         specs.append(ModeSpec("parrot", "parrot", engine_configs(args), parrot))
     if args.mode in ("baseline", "both"):
         for t in tunings:
-            tuning = _TUNINGS.get(t)
+            tuning = _tunings(args).get(t)
             label = "baseline" if t == "same" else f"baseline-{t}"
             specs.append(ModeSpec(label, "baseline", engine_configs(args, tuning), base))
     return specs
@@ -117,6 +177,8 @@ def run_mode(
     and `TimeoutError` when the run takes longer than `args.timeout` seconds."""
     if args.url:
         return asyncio.run(_drive(spec, scenario, args, args.url, None, progress))
+    if args.sim:
+        return simtime.run(_simulated(spec, scenario, args, progress))
     server = BackgroundServer(
         spec.engines,
         ServerConfig(port=0, max_pending_calls=100_000, default_get_timeout_s=3600.0),
@@ -129,16 +191,47 @@ def run_mode(
         server.stop()
 
 
-async def _call_stats(server: BackgroundServer) -> list:
-    async def read() -> list:
-        return server.runtime.call_stats()
+async def _simulated(
+    spec: ModeSpec, scenario: ModuleType, args: argparse.Namespace, progress: bool
+) -> ModeResult:
+    """One mode in simulated time: the service and the clients on this one `SimEventLoop`
+    (HTTP over loopback as in a real run); the result's `extra` gets the wall time and the
+    host-side work (`host_busy_s`: wall seconds the loop ran our code, not in simulated time)."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, simtime.SimEventLoop)
+    wall0, busy0 = time.perf_counter(), loop.host_busy_s
+    server = await start_server(
+        spec.engines,
+        ServerConfig(port=0, max_pending_calls=100_000, default_get_timeout_s=86400.0),
+        spec.scheduler,
+    )
+    try:
+        result = await _drive(spec, scenario, args, server.url, server, progress)
+    finally:
+        await server.close()
+    result.extra["wall_s"] = round(time.perf_counter() - wall0, 3)
+    result.extra["host_busy_s"] = round(loop.host_busy_s - busy0, 3)
+    return result
 
+
+async def _on_server(server: BackgroundServer | Server, read: Callable[[], Awaitable[T]]) -> T:
+    """`read()` on the server's event loop: this one for an in-loop server (simulated runs),
+    else the background server's thread."""
+    if isinstance(server, Server):
+        return await read()
     return await asyncio.wrap_future(
         asyncio.run_coroutine_threadsafe(read(), server.loop), loop=asyncio.get_running_loop()
     )
 
 
-async def _warmup_ids(server: BackgroundServer | None) -> set[int]:
+async def _call_stats(server: BackgroundServer | Server) -> list:
+    async def read() -> list:
+        return server.runtime.call_stats()
+
+    return await _on_server(server, read)
+
+
+async def _warmup_ids(server: BackgroundServer | Server | None) -> set[int]:
     """Ids of the calls the service finished before the run (the warm-up request), whose
     stats may land just after its answer: waits up to 5 s for them."""
     if server is None:
@@ -154,7 +247,7 @@ async def _warmup_ids(server: BackgroundServer | None) -> set[int]:
 _COUNTERS = ("prefill_tokens", "reused_tokens", "generated_tokens", "steps", "preemptions")
 
 
-async def _engine_counters(url: str, server: BackgroundServer | None) -> dict[str, int]:
+async def _engine_counters(url: str, server: BackgroundServer | Server | None) -> dict[str, int]:
     """The service's engine counters summed over its engines: read in process when the
     service is ours, else from its Prometheus /metrics (a session's /v1/stats shows only that
     session's own calls)."""
@@ -164,9 +257,7 @@ async def _engine_counters(url: str, server: BackgroundServer | None) -> dict[st
             engines = [e.stats() for e in server.runtime.engines]
             return {c: sum(getattr(e, c) for e in engines) for c in _COUNTERS}
 
-        return await asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(read(), server.loop), loop=asyncio.get_running_loop()
-        )
+        return await _on_server(server, read)
     import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -207,7 +298,7 @@ async def _drive(
     scenario: ModuleType,
     args: argparse.Namespace,
     url: str,
-    server: BackgroundServer | None,
+    server: BackgroundServer | Server | None,
     progress: bool,
 ) -> ModeResult:
     from tqdm import tqdm
@@ -242,17 +333,18 @@ async def _drive(
     async with pa.Runtime.connect(url, max_connections=512, get_timeout_s=3600.0) as rt:
         before = await _engine_counters(url, server)
         load0 = os.getloadavg()[0]
-        ctx.t0 = time.perf_counter()
+        ctx.t0 = clock.now()
+        timeout = args.timeout or (86400.0 if args.sim else 1800.0)
         if spec.variant:
             run = scenario.run
         else:
             run = scenario.run_parrot if ctx.parrot else scenario.run_baseline
         try:
-            await asyncio.wait_for(run(ctx, args), args.timeout)
+            await asyncio.wait_for(run(ctx, args), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"{scenario.NAME} [{spec.label}] did not finish within --timeout "
-                f"{args.timeout:g} s ({len(ctx.apps)} apps done)"
+                f"{timeout:g} s ({len(ctx.apps)} apps done)"
             ) from None
         wall = ctx.now()
         await rt.flush()

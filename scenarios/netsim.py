@@ -11,11 +11,12 @@ is counted by (method, path). Responses stream back unbuffered (SSE answers keep
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 
 import aiohttp
 from aiohttp import web
+
+from parrot_actors import clock
 
 _HOP_HEADERS = frozenset(
     {
@@ -34,7 +35,7 @@ class DelayProxy:
     """Forwards every request to `target` (a base URL) after `rtt_s` seconds. `requests`
     counts the requests seen by (method, path with ids cut to their route: the text after
     /v1/variables/ becomes {id}); `delays` holds each request's (start, end) on the network
-    (perf_counter seconds; one per request, a benchmark's few thousand at most). Use as
+    (`clock.now()` seconds; one per request, a benchmark's few thousand at most). Use as
     `async with DelayProxy(url, 0.25) as proxy:` and send to `proxy.url`. A target that fails
     mid-request makes the proxy answer 500 (the client sees a failed request)."""
 
@@ -90,10 +91,10 @@ class DelayProxy:
         assert self._http is not None
         self.requests[(request.method, _route(request.path))] += 1
         body = await request.read()
-        start = time.perf_counter()
+        start = clock.now()
         if self.rtt_s > 0:
             await asyncio.sleep(self.rtt_s)
-        self.delays.append((start, time.perf_counter()))
+        self.delays.append((start, clock.now()))
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         async with self._http.request(
             request.method, self.target + request.path_qs, data=body, headers=headers

@@ -1,5 +1,6 @@
 """Every engine implementation conforms to the one engine contract (`EngineClient`): the local
-`Engine` (tiny random model), the fake `EchoEngine`, and the Ray proxy `RayEngine` (over an
+`Engine` (tiny random model), the simulated `Engine` (`device="sim"`), the fake `EchoEngine`,
+and the Ray proxy `RayEngine` (over an
 in-process stand-in for its actor that forwards to a tiny `Engine`, so no cluster is needed;
 `ray.cancel` is replaced for it, since the real one would start a local Ray instance that
 outlives this module). Each check runs against each implementation."""
@@ -11,9 +12,10 @@ from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
-from parrot_actors.engines import Engine
+from parrot_actors.engines import Engine, EngineConfig, SimConfig
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.engines.echo import EchoEngine
+from parrot_actors.engines.step_time import locate_profiles
 from parrot_actors.errors import ContextNotFoundError, InvalidRequestError, ParrotError
 from parrot_actors.messages import EngineStats, FillResult, GenerateResult, SamplingParams
 from tests.conftest import tiny_config
@@ -75,11 +77,22 @@ async def _ready(value: object) -> object:
     return value
 
 
-@pytest.fixture(scope="module", params=["engine", "echo", "ray-proxy"])
+@pytest.fixture(scope="module", params=["engine", "echo", "ray-proxy", "sim"])
 async def engine(request):
     kind = request.param
     if kind == "echo":
         yield EchoEngine(name="echo0")
+        return
+    if kind == "sim":  # real time here: each step sleeps its predicted A100 duration
+        try:
+            locate_profiles()
+        except InvalidRequestError:
+            pytest.skip("no GPU profiles (../shared/data/gpu_profiles)")
+        sim = await Engine.start(
+            EngineConfig(device="sim", sim=SimConfig(gpu="a100-80gb", kv_tokens=8192))
+        )
+        yield sim
+        await sim.close()
         return
     local = await Engine.start(tiny_config())
     try:

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from parrot_actors.engines.engine import Engine, EngineConfig
+from parrot_actors.engines.sim import SimConfig
 
-__all__ = ["Engine", "EngineConfig"]
+__all__ = ["Engine", "EngineConfig", "SimConfig"]

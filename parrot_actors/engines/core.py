@@ -18,22 +18,23 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from parrot_actors import clock
 from parrot_actors.cuda.layout import BatchLayout, CascadeGroup, SeqLayout, plan_cascade
 from parrot_actors.engines.api import Tokenizer
 from parrot_actors.engines.block_pool import BlockPool
 from parrot_actors.engines.contexts import Context, ContextTable
 from parrot_actors.engines.detokenizer import Detokenizer
 from parrot_actors.engines.grammar import Grammars
-from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.sampler import make_generator, sample, sample_rows, token_logprobs
+from parrot_actors.engines.step_fit import StepTimeFit
+from parrot_actors.engines.step_time import StepShape
 from parrot_actors.errors import CapacityError, EngineError, InvalidRequestError, SamplingError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -52,6 +53,40 @@ TokenCallback = Callable[[TokenDelta], None]
 """`on_token(delta)`, once per sampled token of a generate."""
 
 
+class ModelRunner(Protocol):
+    """What `EngineCore` needs of a model: `LlamaRunner` (real weights) and `SimRunner` (the
+    simulated engine) implement it.
+
+    vocab_size: token ids are in [0, vocab_size). max_len: positions per context (tokens).
+    eos_token_ids: tokens that end a generation unless its sampling says otherwise.
+    """
+
+    vocab_size: int
+    max_len: int
+    eos_token_ids: tuple[int, ...]
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of KV of one block of `block_size` tokens."""
+        ...
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
+        """The KV cache tensors; dim 0 is the block id, dim 2 the slot in the block (the core
+        copies `cache[dst, :, :n] = cache[src, :, :n]` when a fork copies a partial block)."""
+        ...
+
+    def forward(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        layout: BatchLayout,
+        kv_caches: list[torch.Tensor],
+        logit_rows: list[int],
+    ) -> torch.Tensor:
+        """One step: store KV of `token_ids` `[num_tokens]`, return float32 logits
+        `[len(logit_rows), vocab_size]`."""
+        ...
+
+
 @dataclass(eq=False)
 class Request:
     """One fill or generate on a context, from arrival to finish.
@@ -67,7 +102,7 @@ class Request:
     on_finish: FinishCallback
     on_token: TokenCallback | None = None
     sampling: SamplingParams | None = None
-    arrival: float = field(default_factory=time.perf_counter)
+    arrival: float = field(default_factory=clock.now)
     generator: torch.Generator | None = None
     detok: Detokenizer | None = None
     stop_ids: frozenset[int] = frozenset()
@@ -121,7 +156,7 @@ class EngineCore:
 
     def __init__(
         self,
-        runner: LlamaRunner,
+        runner: ModelRunner,
         tokenizer: Tokenizer,
         num_blocks: int,
         block_size: int,
@@ -155,6 +190,8 @@ class EngineCore:
         )
         self._seq = itertools.count()
         self.batch_sizes: Counter[int] = Counter()
+        # Measured step times (bounded window) and the step-time model fitted to them.
+        self.step_fit = StepTimeFit(model_name or "engine")
 
     # ---- contexts -------------------------------------------------------------------------
 
@@ -506,6 +543,16 @@ class EngineCore:
             plan.token_ids, plan.positions, plan.layout, self.kv_caches, plan.logit_rows
         )
 
+    def step_shape(self, plan: StepPlan) -> StepShape:
+        """The step-time model's view of `plan` (prefill chunks, decode lengths, cascade
+        groups, LM head rows)."""
+        return step_shape(plan.layout, len(plan.logit_rows))
+
+    def record_step_time(self, plan: StepPlan, seconds: float) -> None:
+        """Add a measured step (its forward pass took `seconds`) to the step-time fit's
+        window (bounded; see `StepTimeFit`)."""
+        self.step_fit.record(self.step_shape(plan), seconds)
+
     def finish_step(self, plan: StepPlan, logits: torch.Tensor) -> None:
         """Advance every request of the step: count computed tokens, store or sample logits,
         finish what is done. Requests finished since `schedule` (cancelled or freed while the
@@ -659,7 +706,7 @@ class EngineCore:
             logprob, top = token_logprobs(pick, sp, token, sp.logprobs)
             req.logprobs.append(logprob)
             req.top_logprobs.append(top)
-        now = time.perf_counter()
+        now = clock.now()
         req.first_token_at = req.first_token_at or now
         req.output_ids.append(token)
         req.ctx.tokens.append(token)
@@ -730,6 +777,7 @@ class EngineCore:
         for f in (*keep, "steps"):
             setattr(core.stats, f, getattr(self.stats, f))
         core.batch_sizes = self.batch_sizes
+        core.step_fit = self.step_fit
         return core
 
     def fail_all(self, error: EngineError) -> None:
@@ -753,4 +801,21 @@ class EngineCore:
         return EngineStats(**{f: getattr(s, f) for f in s.__struct_fields__})
 
 
-__all__ = ["EngineCore", "Request", "StepPlan", "LATENCY_PRIORITY"]
+def step_shape(layout: BatchLayout, logit_rows: int) -> StepShape:
+    """A step's `StepShape`: prefill chunks as (new tokens, tokens before them), decodes as
+    context lengths, cascade groups of 2+ members as (shared prefix tokens, members), and the
+    LM head's rows."""
+    bs = layout.block_size
+    return StepShape(
+        prefill=tuple((s.query_len, s.kv_len - s.query_len) for s in layout.prefills),
+        decode=tuple(s.kv_len for s in layout.decodes),
+        shared=tuple(
+            (g.shared_blocks * bs, len(g.members))
+            for g in layout.cascade_groups
+            if g.shared_blocks and len(g.members) > 1
+        ),
+        logit_rows=logit_rows,
+    )
+
+
+__all__ = ["EngineCore", "ModelRunner", "Request", "StepPlan", "LATENCY_PRIORITY", "step_shape"]

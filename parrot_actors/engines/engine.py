@@ -35,12 +35,19 @@ from typing import Any, TypeVar
 import msgspec
 import torch
 
+from parrot_actors import clock
 from parrot_actors.cuda.backend import make_backend
 from parrot_actors.engines.api import EngineClient, TokenizerMethods
-from parrot_actors.engines.core import EngineCore, FinishCallback, Request
+from parrot_actors.engines.core import EngineCore, FinishCallback, Request, StepPlan
 from parrot_actors.engines.cpu_kernels import kernel_status, load_kernels
 from parrot_actors.engines.llama import LlamaRunner
-from parrot_actors.engines.model_loader import DEFAULT_MODEL, load_model, random_model
+from parrot_actors.engines.model_loader import (
+    DEFAULT_MODEL,
+    load_model,
+    load_tokenizer,
+    random_model,
+)
+from parrot_actors.engines.sim import SimConfig, SimRunner
 from parrot_actors.errors import EngineDiedError, EngineError, InvalidRequestError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -81,6 +88,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     dtype: "float32" (CPU default), "bfloat16", "float16", or "int8" (CPU only: weight-only
     int8 matmul weights through the packed kernel, the rest float32; README "Measured"
     gives its speed and perplexity cost; always runs the kernels, whatever `compile` says).
+    device "sim": a simulated engine (`engines/sim.py`): this core and loop over `sim`'s
+    step-time model and KV size instead of a model's weights (`model` and `dtype` unused).
+    sim: what a simulated engine simulates (`SimConfig`; None with device "sim": defaults).
     attention: "auto" (FlashInfer on CUDA when installed, else torch), "torch", "flashinfer".
     block_size: tokens per KV block.
     kv_cache_bytes: memory budget of the KV cache (sets the number of blocks).
@@ -128,9 +138,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     restart_backoff_s: float = 1.0
     gil_switch_interval_s: float | None = 0.0005
     compile: bool | None = None
+    sim: SimConfig | None = None
 
     def validate(self) -> EngineConfig:
         """Return self, or raise `InvalidRequestError` naming the bad field."""
+        if self.sim is not None and self.device != "sim":
+            raise InvalidRequestError(f"sim=... needs device='sim', not {self.device!r}")
         if self.dtype not in _DTYPES:
             raise InvalidRequestError(f"dtype {self.dtype!r}: allowed are {sorted(_DTYPES)}")
         for name in ("block_size", "kv_cache_bytes", "max_batch_tokens", "max_running"):
@@ -157,6 +170,8 @@ def build_core(config: EngineConfig) -> EngineCore:
     """Load the model and allocate the KV cache (blocking; seconds). Raises `EngineError` for
     a missing model and `CapacityError` when the budget holds no block."""
     config.validate()
+    if config.device == "sim":
+        return _build_sim_core(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     loaded = (
@@ -210,6 +225,34 @@ def build_core(config: EngineConfig) -> EngineCore:
     )
 
 
+def _build_sim_core(config: EngineConfig) -> EngineCore:
+    """A core over a `SimRunner` (see `engines/sim.py`): the tokenizer of `sim.tokenizer`, as
+    many KV blocks as the simulated GPU's KV bytes hold. Raises `InvalidRequestError` for a bad
+    `SimConfig`, `CapacityError` when the KV budget holds no block."""
+    sim = config.sim or SimConfig()
+    tokenizer = load_tokenizer(sim.tokenizer)
+    runner = SimRunner(sim, tokenizer, len(tokenizer))  # type: ignore[arg-type]
+    per_block = runner.kv_bytes_per_block(config.block_size)
+    num_blocks = sim.kv_cache_bytes(runner.step_model) // per_block
+    if num_blocks < 1:
+        from parrot_actors.errors import CapacityError
+
+        raise CapacityError(f"the simulated KV cache holds no block of {per_block} bytes")
+    return EngineCore(
+        runner,
+        tokenizer,
+        num_blocks,
+        config.block_size,
+        max_batch_tokens=config.max_batch_tokens,
+        max_running=config.max_running,
+        throughput_step_tokens=_throughput_step_tokens(config, None),
+        cascade=config.cascade,
+        prefix_caching=config.prefix_caching is not False,
+        name=config.name,
+        model_name=runner.step_model.model.name,
+    )
+
+
 COMPILE_MIN_HIDDEN = 256
 """Smallest hidden size for which `EngineConfig.compile=None` turns the packed kernels on."""
 
@@ -242,11 +285,12 @@ def _use_kernels(config: EngineConfig, device: torch.device, dtype: torch.dtype,
     return False
 
 
-def _throughput_step_tokens(config: EngineConfig, device: torch.device) -> int | None:
-    """`config.throughput_step_tokens` with "auto" resolved for `device` (see EngineConfig)."""
+def _throughput_step_tokens(config: EngineConfig, device: torch.device | None) -> int | None:
+    """`config.throughput_step_tokens` with "auto" resolved for `device` (see EngineConfig;
+    None: a simulated engine, which simulates a GPU)."""
     tokens = config.throughput_step_tokens
     if isinstance(tokens, str):
-        return 512 if device.type == "cuda" else 64
+        return 512 if device is None or device.type == "cuda" else 64
     return tokens
 
 
@@ -292,6 +336,7 @@ class Engine(TokenizerMethods):
         self._closed = False
         self._backoff_s = config.restart_backoff_s
         self._last_failure = -CRASH_WINDOW_S
+        self._fit_cache: tuple[int, dict[str, float]] = (0, {})
         self._loop_task = asyncio.get_running_loop().create_task(self._supervise())
 
     @classmethod
@@ -337,7 +382,7 @@ class Engine(TokenizerMethods):
             plan = core.schedule()
             if plan is None:
                 continue  # every queued request was finished or failed by schedule()
-            logits = await asyncio.to_thread(core.execute, plan)
+            logits = await self._execute(core, plan)
             if self._closed:
                 return
             # The forward pass is over: what arrived meanwhile applies now, so a request
@@ -347,6 +392,22 @@ class Engine(TokenizerMethods):
             # Let the owners of finished requests post their next command (a generate after its
             # fill) before the next schedule, so that their contexts are not evicted as idle.
             await asyncio.sleep(0)
+
+    async def _execute(self, core: EngineCore, plan: StepPlan) -> torch.Tensor:
+        """The step's forward pass: in a worker thread, timed into the core's step-time fit;
+        for a simulated engine, its tokens at once and then a sleep on the process clock until
+        the step's predicted duration has passed."""
+        runner = core.runner
+        if isinstance(runner, SimRunner):
+            start = clock.now()
+            logits = core.execute(plan)
+            delay = runner.step_seconds(plan.layout, len(plan.logit_rows))
+            await asyncio.sleep(max(0.0, delay - (clock.now() - start)))
+            return logits
+        start = time.perf_counter()
+        logits = await asyncio.to_thread(_execute_synced, core, plan)
+        core.record_step_time(plan, time.perf_counter() - start)
+        return logits
 
     def _apply_commands(self, core: EngineCore) -> None:
         while self._commands:
@@ -379,7 +440,7 @@ class Engine(TokenizerMethods):
             self._lost[ctx.id] = None
         while len(self._lost) > MAX_LOST_CONTEXTS:
             self._lost.popitem(last=False)
-        now = time.monotonic()
+        now = clock.now()
         if now - self._last_failure > CRASH_WINDOW_S:
             self._backoff_s = self.config.restart_backoff_s
         else:
@@ -681,10 +742,22 @@ class Engine(TokenizerMethods):
     def stats(self) -> EngineStats:
         """Counters since start, and health (see `EngineStats`)."""
         s = self._core.snapshot()
+        s.step_time = self._step_time(self._core)
         s.healthy = self.healthy
         s.restarts = self.restarts
         s.last_error = self.last_error
         return s
+
+    def _step_time(self, core: EngineCore) -> dict[str, float]:
+        runner = core.runner
+        if isinstance(runner, SimRunner):
+            return {"simulated_s": runner.simulated_s, "steps": float(runner.steps)}
+        fit = core.step_fit
+        # A fit is a least-squares solve over the window: redo it only when the window moved.
+        if self._fit_cache[0] != fit.recorded and len(fit) >= fit.min_samples:
+            fit.fit()
+            self._fit_cache = (fit.recorded, fit.summary())
+        return dict(self._fit_cache[1])
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop the loop (after the step in flight, waiting at most `timeout_s` seconds);
@@ -704,6 +777,15 @@ class Engine(TokenizerMethods):
             fut = self._commands.popleft().fut
             if not fut.done():
                 fut.set_exception(error)
+
+
+def _execute_synced(core: EngineCore, plan: StepPlan) -> torch.Tensor:
+    """`core.execute(plan)`, returning once a GPU has finished it, so the measured step time is
+    the device's (the host would wait for it at sampling anyway)."""
+    logits = core.execute(plan)
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)
+    return logits
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

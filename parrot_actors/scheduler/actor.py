@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from parrot_actors import clock
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.errors import CallError, ParrotError
 from parrot_actors.messages import LATENCY_PRIORITY
@@ -56,7 +56,7 @@ whose engines are full, a call that waits for KV room)."""
 
 @dataclass(eq=False)
 class _Ready:
-    """A queued call: when it became ready (seconds, perf_counter) and its arrival number."""
+    """A queued call: when it became ready (seconds, `clock.now()`) and its arrival number."""
 
     call: SemanticCall
     ready_at: float
@@ -142,7 +142,7 @@ class Scheduler:
             error = f"{call.function_name}#{call.id} needs model {call.model!r}; the engines "
             self._fail(call, CallError(error + f"serve {served}"))
             return
-        self.ready[call.id] = _Ready(call, time.perf_counter(), next(self._seq))
+        self.ready[call.id] = _Ready(call, clock.now(), next(self._seq))
         self.dispatch()
 
     def cancel(self, call: SemanticCall) -> None:
@@ -235,7 +235,7 @@ class Scheduler:
         self._dispatch_pending = False
         if not self.ready:
             return
-        now = time.perf_counter()
+        now = clock.now()
         states = self.engine_states()
         infos: dict[int, CallInfo] = {}
         for queued in self._window(states, now):
@@ -414,7 +414,7 @@ class Scheduler:
         if entry is not None:
             entry.users -= 1
         advance(call, CallState.READY)
-        self.ready[call.id] = _Ready(call, time.perf_counter(), next(self._seq))
+        self.ready[call.id] = _Ready(call, clock.now(), next(self._seq))
         self.dispatch()
 
     def _fail(self, call: SemanticCall, error: CallError) -> None:
@@ -486,7 +486,7 @@ class Scheduler:
             self._expiry = None
         when = self.retention.next_expiry()
         if when is not None:
-            delay = max(0.0, when - time.monotonic()) + 0.01
+            delay = max(0.0, when - clock.now()) + 0.01
             self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
 
     def _expire(self) -> None:

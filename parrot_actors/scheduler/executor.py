@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 
+from parrot_actors import clock
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.errors import (
     CallError,
@@ -219,7 +219,7 @@ async def run_call(
     (`EngineDiedError`) before any output resolved or streamed and `can_retry`, the call is
     left in state RETRY with its outputs untouched, for the scheduler to run elsewhere.
     """
-    start = time.perf_counter()
+    start = clock.now()
     stats.queue_s = start - ready_at
     created = False
     retained = False
@@ -266,7 +266,7 @@ async def run_call(
             result = results[0]
             call.results += results
             if not stats.ttft_s:
-                stats.ttft_s = time.perf_counter() - start
+                stats.ttft_s = clock.now() - start
             stats.prompt_tokens = stats.prompt_tokens or result.prompt_tokens
             stats.completion_tokens += sum(r.completion_tokens for r in results)
             stats.decode_s += result.decode_s
@@ -300,7 +300,7 @@ async def run_call(
         if not isinstance(exc, Exception):
             raise
     finally:
-        stats.e2e_s = time.perf_counter() - ready_at
+        stats.e2e_s = clock.now() - ready_at
         if not retained:
             # Also when cancelled inside the first fill: the context may exist by now.
             with contextlib.suppress(ParrotError):

@@ -13,15 +13,16 @@ contexts this registry lets go.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from parrot_actors import clock
 
 
 @dataclass(eq=False)
 class Retained:
-    """A kept context: its program, engine and id, its token ids, when it expires (seconds,
-    monotonic), and the calls forking it right now (it is not freed under them)."""
+    """A kept context: its program, engine and id, its token ids, when it expires (`clock.now()`
+    seconds), and the calls forking it right now (it is not freed under them)."""
 
     program: str
     engine: str
@@ -69,7 +70,7 @@ class Retention:
     ) -> list[Retained]:
         """Retain `context_id` for `program` for `retain_s` seconds. Returns the contexts to
         free now: the program's previous one, and the oldest beyond `max_contexts`."""
-        now = time.monotonic() if now is None else now
+        now = clock.now() if now is None else now
         out = []
         old = self._by_program.pop(program, None)
         if old is not None:
@@ -102,14 +103,14 @@ class Retention:
 
     def expired(self, now: float | None = None) -> list[Retained]:
         """Remove and return the retained contexts past their time that no call is forking."""
-        now = time.monotonic() if now is None else now
+        now = clock.now() if now is None else now
         gone = [r for r in self._by_program.values() if r.expires_at <= now and r.users == 0]
         for r in gone:
             del self._by_program[r.program]
         return gone
 
     def next_expiry(self) -> float | None:
-        """When the next retained context expires (monotonic seconds), or None."""
+        """When the next retained context expires (`clock.now()` seconds), or None."""
         return min((r.expires_at for r in self._by_program.values()), default=None)
 
     def drop_engine(self, engine: str) -> list[Retained]:

@@ -7,7 +7,6 @@ never stale. Each app has its own registry, so several servers can live in one p
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
@@ -22,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from parrot_actors import clock
 from parrot_actors.runtime import Runtime
 
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
@@ -65,6 +65,16 @@ class _LiveCollector:
             for s in stats:
                 gauge.add_metric([s.name], int(s.healthy) if field == "up" else getattr(s, field))
             yield gauge
+        fit = GaugeMetricFamily(
+            "parrot_engine_step_time",
+            "the engine's step-time model: fitted seconds per feature unit, samples and "
+            "relative error of the fit (real engines); simulated seconds (simulated engines)",
+            labels=["engine", "quantity"],
+        )
+        for s in stats:
+            for quantity, value in sorted(s.step_time.items()):
+                fit.add_metric([s.name, quantity], value)
+        yield fit
         scheduler = self.runtime.scheduler  # None until the runtime starts
         yield GaugeMetricFamily(
             "parrot_scheduler_ready_calls",
@@ -143,7 +153,7 @@ class Metrics:
 
         @web.middleware
         async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-            start = time.perf_counter()
+            start = clock.now()
             status = 500
             try:
                 resp = await handler(request)
@@ -156,7 +166,7 @@ class Metrics:
                 route = _route_of(request)
                 method = request.method if request.method in _METHODS else "OTHER"
                 self.requests.labels(route, method, str(status)).inc()
-                self.latency.labels(route).observe(time.perf_counter() - start)
+                self.latency.labels(route).observe(clock.now() - start)
 
         return record
 

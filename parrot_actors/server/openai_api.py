@@ -40,6 +40,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from parrot_actors import clock
 from parrot_actors.engines.api import EngineClient
 from parrot_actors.engines.grammar import compile_grammar
 from parrot_actors.engines.tool_format import Named, ToolChoice, tool_grammar
@@ -169,7 +170,7 @@ class OpenAIAPI:
         kept = scheduler.retention.of(program)
         if kept is not None:
             out.retained_tokens = len(kept.tokens)
-            out.retained_for_s = round(max(0.0, kept.expires_at - time.monotonic()), 3)
+            out.retained_for_s = round(max(0.0, kept.expires_at - clock.now()), 3)
         return json_response(out)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -304,7 +305,7 @@ class OpenAIAPI:
         include_usage = bool(opts and opts.include_usage)
         queue: asyncio.Queue[tuple[TokenDelta, int] | None] = asyncio.Queue()
         stop = self.runtime.tap.listen(var, lambda delta, i: queue.put_nowait((delta, i)))
-        start = time.perf_counter()
+        start = clock.now()
         self.runtime.submit(call)
         getter = asyncio.ensure_future(var.get(perf=call.objective or LATENCY))
         getter.add_done_callback(lambda _: queue.put_nowait(None))
@@ -316,7 +317,7 @@ class OpenAIAPI:
                     await getter
                 except CallError as exc:
                     raise _root(exc) from None
-            self.metrics.ttft.observe(time.perf_counter() - start)
+            self.metrics.ttft.observe(clock.now() - start)
             for chunk in fmt.opening(call.samples):
                 yield chunk
             while item is not None:

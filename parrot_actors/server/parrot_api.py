@@ -23,13 +23,13 @@ Routes (all but POST /v1/sessions need `Authorization: Bearer <token>`):
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from parrot_actors import clock
 from parrot_actors.errors import ParrotError
 from parrot_actors.runtime import Runtime
 from parrot_actors.server.calls import build_call
@@ -199,14 +199,14 @@ class ParrotAPI:
             var = s.variable(request.match_info["id"])
             perf, timeout = self._wait_query(request)
             if not var.done():
-                start = time.perf_counter()
+                start = clock.now()
                 getter = asyncio.ensure_future(var.get(perf))
                 getter.add_done_callback(_retrieve)
                 try:
                     await asyncio.wait({getter}, timeout=timeout)
                 finally:
                     getter.cancel()
-                self.metrics.variable_wait.observe(time.perf_counter() - start)
+                self.metrics.variable_wait.observe(clock.now() - start)
                 if not var.done() and timeout > 0:
                     raise GetTimeoutError(
                         f"variable {request.match_info['id']!r} is still pending "
@@ -256,10 +256,10 @@ class ParrotAPI:
     ) -> str | None:
         """Forward token texts until the variable settles; the text sent, or None on timeout."""
         sent: list[str] = []
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                item = await asyncio.wait_for(queue.get(), max(0.0, deadline - clock.now()))
             except asyncio.TimeoutError:
                 return None
             if item is None:

@@ -12,11 +12,11 @@ import contextlib
 import itertools
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from parrot_actors import clock
 from parrot_actors.errors import ParrotError
 from parrot_actors.runtime import Runtime
 from parrot_actors.server.config import ServerConfig
@@ -51,7 +51,7 @@ class Session:
         self.calls: dict[int, SemanticCall] = {}
         self.unfinished: dict[int, SemanticCall] = {}
         self.delivered: set[str] = set()
-        self.last_seen = time.monotonic()
+        self.last_seen = clock.now()
         self.active = 0
         self.closed = False
         self._ids = itertools.count()
@@ -197,7 +197,7 @@ class SessionManager:
             yield session
         finally:
             session.active -= 1
-            session.last_seen = time.monotonic()
+            session.last_seen = clock.now()
 
     async def close(self, session: Session) -> SessionClosed:
         """End `session`: cancel its unfinished calls and pending variables (their waiters
@@ -239,7 +239,7 @@ class SessionManager:
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(self.config.reap_interval_s)
-            now = time.monotonic()
+            now = clock.now()
             for session in list(self.by_token.values()):
                 if session.active == 0 and now - session.last_seen > session.ttl_s:
                     try:

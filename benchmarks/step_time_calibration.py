@@ -36,16 +36,17 @@ from parrot_actors.messages import SamplingParams
 
 
 async def workload(engine: Engine, seed: int, requests: int, bar: tqdm) -> None:
-    """`requests` generations in waves of 1-32 concurrent sequences with staggered arrivals, so
-    steps mix prefill chunks (16-1024-token prompts) with decodes of 8-96 tokens."""
+    """`requests` generations in waves of 1-32 concurrent sequences with arrivals spread over
+    2 s, so steps mix prefill chunks (16-1024-token prompts, alone or several) with decodes of
+    8-96 tokens; every third wave's prompts arrive one by one with nothing else running."""
     rng = random.Random(seed)
     words = engine.tokenize(" the quick brown fox jumps over a lazy dog while it rains" * 200)
     done = 0
     while done < requests:
         batch = min(rng.choice([1, 2, 4, 8, 16, 32]), requests - done)
 
-        async def one(cid: str) -> None:
-            await asyncio.sleep(rng.random() * 0.3)  # staggered: prefills land mid-decode
+        async def one(cid: str, delay: float) -> None:
+            await asyncio.sleep(delay)  # staggered: prefills land mid-decode
             n = rng.choice([16, 64, 128, 256, 512, 1024])
             start = rng.randrange(0, len(words) - n)
             await engine.fill(cid, token_ids=words[start : start + n])
@@ -55,7 +56,12 @@ async def workload(engine: Engine, seed: int, requests: int, bar: tqdm) -> None:
             await engine.free_context(cid)
             bar.update(1)
 
-        await asyncio.gather(*(one(f"s{seed}-{done}-{i}") for i in range(batch)))
+        names = [f"s{seed}-{done}-{i}" for i in range(batch)]
+        if rng.random() < 1 / 3:  # prefills (and their decodes) alone, one request at a time
+            for cid in names:
+                await one(cid, 0.0)
+        else:
+            await asyncio.gather(*(one(cid, 2.0 * rng.random()) for cid in names))
         done += batch
 
 
@@ -139,6 +145,11 @@ async def main(args: argparse.Namespace) -> dict:
         "train_error": error_of(fitted, train),
         "held_out_error": error_of(fitted, held),
         "held_out_by_batch": by_batch(fitted, held),
+        # Every measured step, to refit or check offline: (prefill, decode, shared, rows, s).
+        "steps": {
+            name: [[s.prefill, s.decode, s.shared, s.logit_rows, t] for s, t in rows]
+            for name, rows in (("train", train), ("held_out", held))
+        },
     }
     if args.predict_gpu:
         gpu = StepTimeModel.for_device(args.predict_gpu, shape, dtype=args.dtype)

@@ -16,10 +16,16 @@ a send into the peer's receive queue within the send call on Linux, so the in-pr
 between the scenario clients and the server is seen by the non-blocking poll that precedes every
 jump.
 
-Host-side work (our scheduler, runtime, server, clients) therefore takes zero simulated time:
-figures are the engines' predicted step times, the simulated network and the policies' waits.
-That work is measured, not hidden: `SimEventLoop.host_busy_s` is the wall time the loop spent
-running callbacks, reported beside simulated figures (`scenarios` prints it per mode).
+Host-side work (our scheduler, runtime, server, clients) is handled one of two ways, chosen per
+run. By default (`charge_host=False`) it takes zero simulated time: figures are the engines'
+predicted step times, the simulated network and the policies' waits, deterministic, and the
+work is measured, not hidden: `SimEventLoop.host_busy_s` is the wall time the loop spent
+running callbacks, reported beside simulated figures (`scenarios` prints it per mode). With
+`charge_host=True` the clock also advances by the wall time of every stretch of callbacks, so
+host work counts as it would in a real run, overlapping with the steps in flight (a step's
+timer that is already due when the work ends fires at once). That is what stands in for a real
+engine on this same CPU (`--sim cpu-fitted`), where host work is a large share of each call;
+timings then vary from run to run like real ones.
 Source of the technique: discrete-event simulation's next-event time advance (e.g. Law,
 "Simulation Modeling and Analysis", ch. 1); Vidur (Agrawal et al., MLSys 2024) simulates
 serving the same way with its own event queue, where we keep the real asyncio code.
@@ -73,17 +79,19 @@ class SimEventLoop(asyncio.SelectorEventLoop):
     """A selector event loop on simulated time (seconds from `start`).
 
     Attributes: `host_busy_s` (wall seconds spent running callbacks: our own host-side work),
-    `jumps` (times the clock moved to a timer). Runs sockets and executors like any loop; only
-    `time()` and the idle wait differ.
+    `jumps` (times the clock moved to a timer), `charge_host` (whether host work advances the
+    clock; see the module docstring). Runs sockets and executors like any loop; only `time()`
+    and the idle wait differ.
     """
 
-    def __init__(self, start: float = 0.0) -> None:
+    def __init__(self, start: float = 0.0, charge_host: bool = False) -> None:
         selector = _SimSelector()
         super().__init__(selector)
         selector.loop = self
         self._now = float(start)
         self._in_executor = 0
         self.host_busy_s = 0.0
+        self.charge_host = charge_host
         self.jumps = 0
         self._busy_since = time.perf_counter()
 
@@ -105,7 +113,10 @@ class SimEventLoop(asyncio.SelectorEventLoop):
         self._in_executor -= 1
 
     def _account_busy(self) -> None:
-        self.host_busy_s += time.perf_counter() - self._busy_since
+        busy = time.perf_counter() - self._busy_since
+        self.host_busy_s += busy
+        if self.charge_host:
+            self._now += busy
 
     def _advance(self) -> None:
         # asyncio's _run_once dropped cancelled timers from the head of the heap before
@@ -116,12 +127,12 @@ class SimEventLoop(asyncio.SelectorEventLoop):
             self.jumps += 1
 
 
-def new_event_loop(start: float = 0.0) -> SimEventLoop:
+def new_event_loop(start: float = 0.0, charge_host: bool = False) -> SimEventLoop:
     """A fresh `SimEventLoop` (not installed as the process clock: `run` does that)."""
-    return SimEventLoop(start)
+    return SimEventLoop(start, charge_host)
 
 
-def run(main: Coroutine[Any, Any, T], start: float = 0.0) -> T:
+def run(main: Coroutine[Any, Any, T], start: float = 0.0, charge_host: bool = False) -> T:
     """Run `main` to completion on a new `SimEventLoop` with its clock as the process clock
     (`clock.now()`), then cancel what is left, shut down async generators and the default
     executor, and close the loop, as `asyncio.run` does. Returns `main`'s result; raises what
@@ -137,7 +148,7 @@ def run(main: Coroutine[Any, Any, T], start: float = 0.0) -> T:
     if clock.simulated():
         main.close()
         raise RuntimeError("simtime.run() inside another simulated run")
-    loop = new_event_loop(start)
+    loop = new_event_loop(start, charge_host)
     previous = clock._install(loop)
     try:
         asyncio.set_event_loop(loop)

@@ -76,6 +76,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     sim.add_argument("--sim-kv-gb", type=float, help="simulated KV cache per engine (GB)")
     sim.add_argument("--sim-tp", type=int, default=1, help="simulated GPUs per engine")
     sim.add_argument("--sim-fit", help="step-time fit JSON (needed by --sim cpu-fitted)")
+    sim.add_argument(
+        "--sim-latency-kv-tokens",
+        type=int,
+        default=None,
+        help="KV cache of the latency-tuned baseline (tokens; default 4096, the paper's "
+        "Fig. 17 used 7096)",
+    )
+    sim.add_argument(
+        "--sim-tokenizer",
+        default=None,
+        help="tokenizer folder of the simulated engines (a local Hugging Face folder with a "
+        "config.json; default: the embedded SmolLM2's): token counts of prompts follow it",
+    )
+    sim.add_argument(
+        "--sim-host",
+        choices=["report", "charge"],
+        help="our own host-side work: reported beside simulated time (default for GPUs; "
+        "deterministic) or charged to it (default for cpu-fitted, which stands for this CPU)",
+    )
 
 
 def parser(prog: str = "python -m scenarios") -> argparse.ArgumentParser:

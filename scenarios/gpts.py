@@ -6,6 +6,7 @@ Lengths are the paper's times `--prompt-scale` / `--output-scale` (1.0 = the pap
 system prompts are real text (arXiv papers, one per class). Parrot shares each class's system
 prompt across its requests (and keeps it on the engine that holds it); the baseline sends whole
 prompts. The paper's metric: mean normalized latency (seconds per output token) at a rate.
+The paper's run (Fig. 16): `--prompt-scale 1 --output-scale 1 --mix equal --engines 4`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-scale", type=float, default=0.1, help="system prompt length factor")
     p.add_argument("--output-scale", type=float, default=0.05, help="output length factor")
     p.add_argument("--min-output", type=int, default=4, help="output tokens at least")
+    p.add_argument(
+        "--mix",
+        choices=["share", "equal"],
+        default="share",
+        help="classes drawn by their share of traffic, or in equal numbers, shuffled (the "
+        "paper's Fig. 16: 1:1:1:1)",
+    )
 
 
 def num_apps(args: argparse.Namespace) -> int:
@@ -39,10 +47,21 @@ def num_apps(args: argparse.Namespace) -> int:
     return args.requests
 
 
+def _picks(rng: random.Random, classes: list[workloads.GptsApp], n: int, mix: str) -> list[int]:
+    """The class of each of `n` requests: drawn by share, or `n / len(classes)` of each
+    (the first `n % len(classes)` classes one more) in a shuffled order."""
+    if mix == "share":
+        return rng.choices(range(len(classes)), weights=[c.share for c in classes], k=n)
+    k = len(classes)
+    picks = [i for i in range(k) for _ in range(n // k + (1 if i < n % k else 0))]
+    rng.shuffle(picks)
+    return picks
+
+
 async def _run(ctx: RunContext, args: argparse.Namespace) -> None:
     classes = workloads.gpts_apps()
     rng = random.Random(ctx.seed)
-    picks = rng.choices(range(len(classes)), weights=[c.share for c in classes], k=args.requests)
+    picks = _picks(rng, classes, args.requests, args.mix)
     fns, systems = [], []
     for i, c in enumerate(classes):
         out = max(args.min_output, round(c.output_tokens * args.output_scale))

@@ -112,6 +112,7 @@ def _sim_configs(args: argparse.Namespace, tuning: dict | None) -> list[EngineCo
         tensor_parallel=args.sim_tp,
         fit=args.sim_fit,
         kv_tokens=kv_tokens,
+        tokenizer=getattr(args, "sim_tokenizer", None) or "default",
     )
     # A fitted CPU engine keeps the CPU engine's sizes, so that it stands for that engine.
     running = (getattr(args, "cpu_max_running", None) or 64) if cpu else SIM_MAX_RUNNING
@@ -178,7 +179,8 @@ def run_mode(
     if args.url:
         return asyncio.run(_drive(spec, scenario, args, args.url, None, progress))
     if args.sim:
-        return simtime.run(_simulated(spec, scenario, args, progress))
+        charge = (args.sim_host or ("charge" if args.sim == "cpu-fitted" else "report")) == "charge"
+        return simtime.run(_simulated(spec, scenario, args, progress), charge_host=charge)
     server = BackgroundServer(
         spec.engines,
         ServerConfig(port=0, max_pending_calls=100_000, default_get_timeout_s=3600.0),
@@ -195,8 +197,9 @@ async def _simulated(
     spec: ModeSpec, scenario: ModuleType, args: argparse.Namespace, progress: bool
 ) -> ModeResult:
     """One mode in simulated time: the service and the clients on this one `SimEventLoop`
-    (HTTP over loopback as in a real run); the result's `extra` gets the wall time and the
-    host-side work (`host_busy_s`: wall seconds the loop ran our code, not in simulated time)."""
+    (HTTP over loopback as in a real run); the result's `extra` gets the wall time, the
+    host-side work (`host_busy_s`: wall seconds the loop ran our code) and whether it was
+    charged to simulated time (`host_charged`: 1.0) or only reported beside it (0.0)."""
     loop = asyncio.get_running_loop()
     assert isinstance(loop, simtime.SimEventLoop)
     wall0, busy0 = time.perf_counter(), loop.host_busy_s
@@ -207,11 +210,35 @@ async def _simulated(
     )
     try:
         result = await _drive(spec, scenario, args, server.url, server, progress)
+        result.extra.update(_sim_engine_extra(server))
     finally:
         await server.close()
     result.extra["wall_s"] = round(time.perf_counter() - wall0, 3)
     result.extra["host_busy_s"] = round(loop.host_busy_s - busy0, 3)
+    result.extra["host_charged"] = float(loop.charge_host)
     return result
+
+
+def _sim_engine_extra(server: Server) -> dict[str, float]:
+    """What the simulated engines did over the mode's run (warm-up request included), for
+    `ModeResult.extra`: steps and preemptions summed over engines (`sim_steps`,
+    `sim_preemptions`, `sim_evictions`), sequences per step weighted by steps
+    (`sim_mean_batch_size`), the largest batch (`sim_max_batch_size`), and the busiest
+    engine's predicted step seconds (`sim_busy_s_max`)."""
+    stats = [e.stats() for e in server.runtime.engines]
+    steps = sum(s.steps for s in stats)
+    return {
+        "sim_steps": float(steps),
+        "sim_preemptions": float(sum(s.preemptions for s in stats)),
+        "sim_evictions": float(sum(s.evictions for s in stats)),
+        "sim_mean_batch_size": (
+            round(sum(s.mean_batch_size * s.steps for s in stats) / steps, 3) if steps else 0.0
+        ),
+        "sim_max_batch_size": float(max((s.max_batch_size for s in stats), default=0)),
+        "sim_busy_s_max": round(
+            max((s.step_time.get("simulated_s", 0.0) for s in stats), default=0.0), 3
+        ),
+    }
 
 
 async def _on_server(server: BackgroundServer | Server, read: Callable[[], Awaitable[T]]) -> T:

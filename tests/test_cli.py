@@ -119,3 +119,14 @@ def test_demo_and_openai_example_against_the_service_then_ctrl_c(served):
     assert usage == f"usage: {len(prompt)} prompt + {len(reply)} completion"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(20) == 0
+
+
+def test_sim_flags_make_simulated_engines():
+    args = cli.build_parser().parse_args(
+        ["serve", "--sim", "a100", "--sim-model", "llama-3-8b", "--engines", "2", "--sim-tp", "2"]
+    )
+    configs = cli.engine_specs(args)
+    assert [(c.name, c.device) for c in configs] == [("engine0", "sim"), ("engine1", "sim")]
+    sim = configs[0].sim
+    assert sim is not None
+    assert (sim.gpu, sim.model, sim.tensor_parallel) == ("a100", "llama-3-8b", 2)

@@ -51,10 +51,11 @@ class FitError:
 class StepTimeFit:
     """Measured steps (shape, seconds) in a bounded window (the latest `window`) and a fit of the
     cpu-fitted coefficients to them. The fit is least squares on relative error (each row
-    divided by its measured time, so short and long steps count alike), nonnegative by
-    elimination: solve, drop the most negative coefficient's feature, solve again, until none
-    is negative. `model` is any `ModelShape.resolve` input; one that does not resolve (an
-    engine's free-form name) is kept as `model_name` with `model` None. Thread-safe."""
+    divided by its measured time, so short and long steps count alike) with nonnegative
+    coefficients (`nnls`, Lawson-Hanson). `model` is any `ModelShape.resolve` input; one that
+    does not resolve (an engine's free-form name) is kept as `model_name` with `model` None.
+    `recorded` counts every sample ever accepted (the window holds the last `window`).
+    Thread-safe."""
 
     def __init__(self, model: ModelShape | str | Path | Mapping[str, Any], window: int = 4096,
                  min_samples: int = 32) -> None:
@@ -97,15 +98,9 @@ class StepTimeFit:
         x /= y[:, None]
         target = np.ones_like(y)
         norms = np.linalg.norm(x, axis=0)
-        active = [i for i in range(len(FEATURES)) if norms[i] > 0]
-        coef = np.zeros(len(FEATURES))
-        while active:
-            cols = x[:, active] / norms[active]  # unit columns: features span ~1 to ~1e6
-            sol = np.linalg.lstsq(cols, target, rcond=None)[0] / norms[active]
-            if sol.min() >= 0:
-                coef[active] = sol
-                break
-            del active[int(np.argmin(sol))]
+        norms[norms == 0] = 1.0  # an all-zero feature keeps coefficient 0
+        # Unit columns: the features span ~1 to ~1e6, which would skew the solver's tolerances.
+        coef = nnls(x / norms, target) / norms
         self.coefficients = {f: float(c) for f, c in zip(FEATURES, coef)}
         model = StepTimeModel(self.model or MODELS["smollm2-135m"], None,
                               coefficients=self.coefficients)
@@ -146,6 +141,35 @@ class StepTimeFit:
         return _check_coefficients(data["coefficients"])
 
 
+def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12) -> np.ndarray:
+    """argmin ||a x - b|| subject to x >= 0, for `a` `[rows, n]` and `b` `[rows]`: the active-set
+    algorithm of Lawson and Hanson ("Solving Least Squares Problems", 1974, ch. 23; the one
+    behind scipy.optimize.nnls). Features that are collinear on the data (a decode step's
+    tokens and sequences) get the solution's split, not a dropped feature. Returns `[n]`."""
+    n = a.shape[1]
+    passive = np.zeros(n, dtype=bool)
+    x = np.zeros(n)
+    for _ in range(3 * n + 3):  # each outer step adds one feature; a bound against cycling
+        grad = a.T @ (b - a @ x)
+        free = ~passive & (grad > tol)
+        if not free.any():
+            break
+        passive[int(np.argmax(np.where(free, grad, -np.inf)))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > tol).all():
+                x = z
+                break
+            # Step from x towards z until the first passive coefficient reaches 0; drop it.
+            bad = passive & (z <= tol)
+            alpha = float(np.min(x[bad] / (x[bad] - z[bad])))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+    return x
+
+
 def _fit_json(model: ModelShape | None, coefficients: Mapping[str, float] | None,
               error: FitError | None, name: str = "") -> dict[str, Any]:
     return {"format": FIT_FORMAT, "model_name": model.name if model else name,
@@ -180,4 +204,4 @@ def load_fit(path: str | Path) -> StepTimeModel:
     return StepTimeModel.for_device("cpu-fitted", shape, dtype=None, coefficients=coefficients)
 
 
-__all__ = ["FIT_FORMAT", "FitError", "StepTimeFit", "load_fit", "save_fit"]
+__all__ = ["FIT_FORMAT", "FitError", "StepTimeFit", "load_fit", "nnls", "save_fit"]

@@ -33,14 +33,23 @@
 #
 #   run(command="bash scripts/gpu_check.sh tests", carry=[".whl"], timeout_s=600)
 #   run(command="bash scripts/gpu_check.sh bench", carry=[".whl"], timeout_s=600)
-#   Argument: all (default) | tests | bench. On a fresh machine FlashInfer JIT-compiles its
+#   run(command="bash scripts/gpu_check.sh steptime", carry=[".whl"], timeout_s=600)
+#   Argument: all (default) | tests | bench | steptime. On a fresh machine FlashInfer JIT-compiles its
 #   kernels first (minutes), so "tests" and "bench" in two calls is the safe split; "all" fits
 #   one call only when compiles are fast. Each phase is bounded by PREWARM_TIMEOUT /
 #   TEST_TIMEOUT / BENCH_TIMEOUT (defaults 300 / 400 / 400 s) and by DEADLINE (default 570 s
 #   for the whole script, under the tool's 600 s), so the logs come back even when it runs long.
 #
+# "steptime" (also part of "all") measures the step-time model's error on this GPU: a real engine
+# (random Llama-2-7B-shaped weights, 8 of its 32 layers, bf16) runs the mixed calibration
+# workload of benchmarks/step_time_calibration.py; every step's shape and measured time are
+# compared with the h100 step-time model of the same 8-layer shape (nothing fitted), and the
+# linear model is fitted to the GPU too. On an H200 the h100 model is the nearest: it should
+# over-predict memory-bound steps (4.8 vs 3.35 TB/s).
+#
 # Writes to $OUT (./out when OUT is unset): gpu_env.log, gpu_tests.log, gpu_bench.log,
-# gpu_attention.json, gpu_attention.png. Exit status: 0 only if every phase run passed.
+# gpu_attention.json, gpu_attention.png, gpu_steptime.log, gpu_steptime.json. Exit status: 0
+# only if every phase run passed.
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -87,8 +96,8 @@ EOF
 TEST_CONFIGS="32,8,128,bfloat16 9,3,64,bfloat16 32,32,128,bfloat16 32,8,128,float16 8,2,64,bfloat16"
 case "$MODE" in
   all | tests) CONFIGS="$TEST_CONFIGS" ;;
-  bench) CONFIGS="32,32,128,bfloat16" ;;
-  *) echo "unknown mode $MODE: all | tests | bench"; exit 2 ;;
+  bench | steptime) CONFIGS="32,32,128,bfloat16" ;;
+  *) echo "unknown mode $MODE: all | tests | bench | steptime"; exit 2 ;;
 esac
 # shellcheck disable=SC2086  # CONFIGS is a list
 MAX_JOBS="${PREWARM_JOBS:-4}" timeout "$(budget "${PREWARM_TIMEOUT:-300}")" \
@@ -105,6 +114,14 @@ fi
 if [[ "$MODE" == all || "$MODE" == bench ]]; then
   timeout "$(budget "${BENCH_TIMEOUT:-400}")" python3 benchmarks/gpu_attention.py --out "$OUT" \
     2>&1 | tee "$OUT/gpu_bench.log" || rc=1
+fi
+if [[ "$MODE" == all || "$MODE" == steptime ]]; then
+  SHAPE='{"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 8,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49152}'
+  timeout "$(budget "${STEPTIME_TIMEOUT:-300}")" python3 benchmarks/step_time_calibration.py \
+    --device cuda --dtype bfloat16 --random-model "$SHAPE" --predict-gpu h100 --requests 48 \
+    --out "$OUT/gpu_step_fit.json" --json "$OUT/gpu_steptime.json" 2>&1 \
+    | tee "$OUT/gpu_steptime.log" || rc=1
 fi
 echo "gpu_check.sh ($MODE): exit $rc" | tee -a "$OUT/gpu_env.log"
 exit "$rc"

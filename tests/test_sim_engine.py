@@ -12,8 +12,18 @@ import pytest
 
 from parrot_actors import clock, simtime
 from parrot_actors.engines import Engine, EngineConfig, SimConfig
-from parrot_actors.engines.step_time import StepShape, StepTimeModel, locate_profiles
-from parrot_actors.errors import CapacityError, EngineDiedError, InvalidRequestError
+from parrot_actors.engines.step_time import (
+    FEATURES,
+    StepShape,
+    StepTimeModel,
+    locate_profiles,
+)
+from parrot_actors.errors import (
+    CapacityError,
+    EngineDiedError,
+    EngineError,
+    InvalidRequestError,
+)
 from parrot_actors.messages import SamplingParams
 
 try:
@@ -146,3 +156,90 @@ def test_sim_config_errors_name_the_value():
         SimConfig(kv_tokens=0).kv_cache_bytes(SIM.step_model())
     with pytest.raises(InvalidRequestError, match="fit=PATH"):
         SimConfig(gpu="cpu-fitted").step_model()
+
+
+def test_under_kv_pressure_preempted_requests_recompute_the_same_tokens():
+    # 8 prompts of ~300 tokens generating 40 each in a cache of 1024 tokens: at most 3 fit.
+    sampling = SamplingParams(max_tokens=40)
+
+    async def go(engine: Engine) -> tuple[list[list[int]], list[list[int]], int]:
+        prompts = [engine.tokenize(f"job {i} " + "words of text " * 100) for i in range(8)]
+
+        async def one(i: int, prefix: str) -> list[int]:
+            await engine.fill(f"{prefix}{i}", token_ids=prompts[i])
+            out = (await engine.generate(f"{prefix}{i}", sampling)).token_ids
+            await engine.free_context(f"{prefix}{i}")
+            return out
+
+        together = list(await asyncio.gather(*(one(i, "t") for i in range(8))))
+        pressure = engine.stats().preemptions + engine.stats().evictions
+        alone = [await one(i, "a") for i in range(8)]
+        return together, alone, pressure
+
+    async def main():
+        cfg = sim_config(sim=SimConfig(gpu="a100-80gb", model="llama-2-7b", kv_tokens=1024))
+        engine = await Engine.start(cfg)
+        try:
+            return await go(engine)
+        finally:
+            await engine.close()
+
+    together, alone, pressure = simtime.run(main())
+    assert together == alone and all(len(t) == 40 for t in together)
+    assert pressure > 0
+
+
+def test_freeing_a_context_during_its_generation_fails_it_and_the_engine_serves_on():
+    async def go(engine: Engine) -> tuple[int, list[int]]:
+        ids = engine.tokenize("a long generation " * 20)
+        await engine.fill("g", token_ids=ids)
+        task = asyncio.ensure_future(engine.generate("g", SamplingParams(max_tokens=500)))
+        await asyncio.sleep(0.2)  # ~15 decode steps of a 7B model on an A100
+        await engine.free_context("g")
+        with pytest.raises(EngineError, match="freed"):
+            await task
+        await engine.flush()
+        used = engine.stats().kv_blocks_used
+        await engine.fill("h", token_ids=ids)
+        return used, (await engine.generate("h", GREEDY)).token_ids
+
+    used, tokens = run(go)
+    assert used == 0 and len(tokens) == 8
+
+
+def test_real_engines_fit_their_step_times_and_show_the_fit():
+    from tests.conftest import tiny_config
+
+    async def go() -> dict[str, float]:
+        engine = await Engine.start(tiny_config())
+        try:
+            for i in range(3):
+                ids = engine.tokenize(f"prompt {i} " * (10 + 20 * i))
+                await engine.fill(f"p{i}", token_ids=ids)
+                await engine.generate(f"p{i}", SamplingParams(max_tokens=20, ignore_eos=True))
+            return engine.stats().step_time
+        finally:
+            await engine.close()
+
+    fit = asyncio.run(go())
+    assert fit["samples"] == 60.0  # 3 prefill steps + 3 x 19 decode steps
+    assert set(fit) == {"samples", "median_abs_error", "p90_abs_error", *FEATURES}
+    assert all(v >= 0 for v in fit.values())
+
+
+def test_metrics_show_each_engines_step_time_model():
+    from types import SimpleNamespace
+
+    from parrot_actors.messages import EngineStats
+    from parrot_actors.server.metrics import _LiveCollector
+
+    stats = EngineStats(name="e0", step_time={"samples": 40.0, "median_abs_error": 0.08})
+    engine = SimpleNamespace(stats=lambda: stats)
+    runtime = SimpleNamespace(engines=[engine], scheduler=None)
+    families = {f.name: f for f in _LiveCollector(runtime, lambda: 0).collect()}
+    step_time = families["parrot_engine_step_time"].samples
+    samples = {tuple(sorted(s.labels.items())): s.value for s in step_time}
+    assert samples == {
+        (("engine", "e0"), ("quantity", "median_abs_error")): 0.08,
+        (("engine", "e0"), ("quantity", "samples")): 40.0,
+    }

@@ -243,3 +243,20 @@ def test_metrics_show_each_engines_step_time_model():
         (("engine", "e0"), ("quantity", "median_abs_error")): 0.08,
         (("engine", "e0"), ("quantity", "samples")): 40.0,
     }
+
+
+def test_a_real_time_server_on_simulated_engines_answers_openai_requests():
+    import openai
+
+    from parrot_actors.server import BackgroundServer, ServerConfig
+
+    cfg = EngineConfig(device="sim", sim=SimConfig(gpu="h100", model="llama-3-8b", kv_tokens=8192))
+    server = BackgroundServer([cfg], ServerConfig(port=0)).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data][0] == "llama-3-8b"
+        got = client.completions.create(model="default", prompt="Hello there", max_tokens=12)
+        assert got.usage.completion_tokens == 12 and got.choices[0].finish_reason == "length"
+        assert got.choices[0].text.strip()  # words of the tokenizer, no EOS
+    finally:
+        server.stop()

@@ -59,11 +59,14 @@ class ModelRunner(Protocol):
 
     vocab_size: token ids are in [0, vocab_size). max_len: positions per context (tokens).
     eos_token_ids: tokens that end a generation unless its sampling says otherwise.
+    row_tokens: after `forward`, the token every logits row puts all its mass on, when the
+    runner knows it (None: sample from the logits; a model's logits are never one-hot).
     """
 
     vocab_size: int
     max_len: int
     eos_token_ids: tuple[int, ...]
+    row_tokens: list[int] | None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes of KV of one block of `block_size` tokens."""
@@ -612,6 +615,11 @@ class EngineCore:
                     params.append(r.sampling)
         if not reqs:
             return {}
+        known = self.runner.row_tokens
+        if known is not None:
+            # The runner knows each row's likeliest token (the simulated engine's logits are
+            # one-hot): the same tokens as the argmax, without passes over [rows, vocab].
+            return {id(r): known[rows[id(r)]] for r in reqs}
         sub = logits[[rows[id(r)] for r in reqs]]  # [requests, vocab]
         try:
             tokens = sample_rows(sub, params, [r.generator for r in reqs])

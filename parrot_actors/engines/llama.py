@@ -159,6 +159,7 @@ class LlamaRunner:
             gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
         )
         self.eos_token_ids = tuple(sorted(ids))
+        self.row_tokens: list[int] | None = None  # a model's logits are sampled
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes of K and V for one block of `block_size` tokens across all layers."""

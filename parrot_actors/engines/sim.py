@@ -130,7 +130,8 @@ class SimRunner:
     contract of `EngineCore`.
 
     Attributes: `step_model` (the `StepTimeModel`), `vocab_size` (the tokenizer's: the token
-    space of prompts), `max_len` (tokens), `eos_token_ids` (none), `steps` and
+    space of prompts), `max_len` (tokens), `eos_token_ids` (none), `row_tokens` (the last
+    step's next token per logits row), `steps` and
     `simulated_s` (steps predicted and their total, seconds).
     """
 
@@ -142,6 +143,7 @@ class SimRunner:
         if self.max_len < 2:
             raise InvalidRequestError(f"max_len={self.max_len}: must be >= 2")
         self.eos_token_ids: tuple[int, ...] = ()
+        self.row_tokens: list[int] | None = []
         self.palette = word_palette(tokenizer, vocab_size)
         self.steps = 0
         self.simulated_s = 0.0
@@ -164,7 +166,8 @@ class SimRunner:
         logit_rows: list[int],
     ) -> torch.Tensor:
         """Store the step's tokens `[num_tokens]` at their slots and return float32 logits
-        `[len(logit_rows), vocab_size]`: `LOGIT` at each row's next token, 0 elsewhere."""
+        `[len(logit_rows), vocab_size]`: `LOGIT` at each row's next token, 0 elsewhere; the
+        tokens themselves in `row_tokens` (so the core skips the argmax over the vocabulary)."""
         cache = kv_caches[0].numpy()  # shares memory: [num_blocks, 1, block_size]
         bs = layout.block_size
         ends: dict[int, tuple[int, tuple[int, ...]]] = {}
@@ -177,10 +180,10 @@ class SimRunner:
                 cache[seq.block_table[b], 0, lo - b * bs : hi - b * bs] = chunk
             offset += seq.query_len
             ends[offset - 1] = (seq.kv_len, seq.block_table)
+        tokens = [self._next_token(cache, bs, *ends[row]) for row in logit_rows]
         logits = torch.zeros((len(logit_rows), self.vocab_size), dtype=torch.float32)
-        for i, row in enumerate(logit_rows):
-            kv_len, table = ends[row]
-            logits[i, self._next_token(cache, bs, kv_len, table)] = LOGIT
+        logits[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = LOGIT
+        self.row_tokens = tokens
         return logits
 
     def _next_token(

@@ -50,6 +50,18 @@ FIG18_JOB_OFFSETS = "0,0.5,1,11,11.5,12,22,22.5,23"
 """Gaps between the 9 map-reduce jobs (artifact/figure18/benchmark_mr_serving_vllm.py,
 `sample_requests`: 0.5, 0.5, 10 s, three times)."""
 
+FIG12B_CHUNKS, FIG12B_CHUNK_TOKENS = 24, 841
+"""The chunks the paper's Fig. 12b app sent: its articles (the artifact's arxiv-sampled-1,
+article_0..9) split by LangChain's CharacterTextSplitter.from_huggingface_tokenizer(chunk_size=
+2048, separator=" ") with the Llama tokenizer, as artifact/figure12b/bench_arxiv_multivm_langchain
+.py does, give 243 chunks (22-29 per article) of 841 tokens on average: the splitter sums
+len(tokenizer.encode(word)) per word, BOS included, plus the separator's, so a "2048-token" chunk
+holds ~840 real tokens. Measured for docs/sim_validation.md; not a fitted value."""
+FIG18_CHUNKS, FIG18_CHUNK_TOKENS = 75, 451
+"""Likewise for Fig. 18's map-reduce jobs (artifact/figure18/benchmark_mr_serving_vllm.py): paper
+0 of arxiv-sampled (our article_0) at chunk_size 1024 gives 75 chunks of 451 tokens on
+average."""
+
 Body = dict
 Getter = Callable[[Body, str], float]
 
@@ -101,15 +113,16 @@ class Run:
 
 def runs(gpts_requests: int) -> list[Run]:
     """The runs, at the paper's setting (sources in each setting line and the module doc)."""
-    chain = ["--chains", "10", "--chunk-tokens", "2048", "--output-tokens", "50"]
-    chain += ["--background", "0", *A100, "--baseline-tuning", "latency"]
+    chain_base = ["--chains", "10", "--output-tokens", "50"]
+    chain_base += ["--background", "0", *A100, "--baseline-tuning", "latency"]
+    chain = [*chain_base, "--chunk-tokens", "2048"]
     jct = _summary("chain", "mean_s")
     multi = ["--recorded-rounds", "10", *A100, "--baseline-tuning", "throughput"]
     done = _summary("workflow", "mean_s")
     mixed = ["--chats", "40", "--chat-rate", "1", "--chat-arrivals", "uniform"]
-    mixed += ["--chat-lengths", "sharegpt", "--jobs", "9", "--job-article", "0", "--chunks", "0"]
-    mixed += ["--chunk-tokens", "1024", "--map-output", "50", "--job-start", "15"]
-    mixed += ["--job-offsets", FIG18_JOB_OFFSETS, *A6000X4, "--baseline-tuning", "throughput"]
+    mixed += ["--chat-lengths", "sharegpt", "--jobs", "9", "--job-article", "0"]
+    mixed += ["--map-output", "50", "--job-start", "15", "--job-offsets", FIG18_JOB_OFFSETS]
+    mixed += [*A6000X4, "--baseline-tuning", "throughput"]
     return [
         Run(
             "fig12b",
@@ -124,12 +137,19 @@ def runs(gpts_requests: int) -> list[Run]:
             ],
         ),
         Run(
-            "fig12b_11chunks",
+            "fig12b_langchain",
             "12b",
-            "as above, 11 chunks per chain (the chain length of the paper's articles, "
-            "arxiv-sampled-1, measured with the Llama tokenizer; ours are longer)",
+            "as above with the chunks the paper's app really sent: LangChain's splitter at "
+            f"chunk_size 2048 gives the paper's articles {FIG12B_CHUNKS} chunks of "
+            f"{FIG12B_CHUNK_TOKENS} tokens on average (measured); {FIG12B_CHUNKS} per chain here",
             "chain_summary",
-            [*chain, "--chunks", "11"],
+            [
+                *chain_base,
+                "--chunks",
+                str(FIG12B_CHUNKS),
+                "--chunk-tokens",
+                str(FIG12B_CHUNK_TOKENS),
+            ],
             [
                 Row("mean JCT (s)", "baseline-latency", 112.8, jct),
                 Row("mean JCT (s)", "parrot", 81.7, jct, parrot=True),
@@ -187,10 +207,49 @@ def runs(gpts_requests: int) -> list[Run]:
         Run(
             "fig18",
             "18",
-            "40 ShareGPT chats at 1 req/s + 9 map-reduce jobs (chunk 1024, output 50) from "
-            "15 s, 4 engines; throughput-tuned vLLM",
+            "40 ShareGPT chats at 1 req/s + 9 map-reduce jobs from 15 s, 4 engines; "
+            "throughput-tuned vLLM; maps as the paper's app sent them: LangChain's splitter at "
+            f"chunk_size 1024 gives paper 0 {FIG18_CHUNKS} chunks of {FIG18_CHUNK_TOKENS} tokens "
+            "(measured)",
             "mixed",
-            mixed,
+            [*mixed, "--chunks", str(FIG18_CHUNKS), "--chunk-tokens", str(FIG18_CHUNK_TOKENS)],
+            [
+                Row(
+                    "chat normalized latency (ms/token)",
+                    "baseline-throughput",
+                    184.6,
+                    _norm("chat"),
+                ),
+                Row("chat decode (ms/token)", "baseline-throughput", 77.8, _tpot_ms("chat")),
+                Row(
+                    "map-reduce JCT (s)",
+                    "baseline-throughput",
+                    24.5,
+                    _summary("map-reduce", "mean_s"),
+                ),
+                Row(
+                    "chat normalized latency (ms/token)",
+                    "parrot",
+                    149.1,
+                    _norm("chat"),
+                    parrot=True,
+                ),
+                Row("chat decode (ms/token)", "parrot", 45.1, _tpot_ms("chat"), parrot=True),
+                Row(
+                    "map-reduce JCT (s)",
+                    "parrot",
+                    23.2,
+                    _summary("map-reduce", "mean_s"),
+                    parrot=True,
+                ),
+            ],
+        ),
+        Run(
+            "fig18_whole1024",
+            "18",
+            "as above, maps of 1024 tokens over the whole paper (chunk 1024 read as tokens)",
+            "mixed",
+            [*mixed, "--chunks", "0", "--chunk-tokens", "1024"],
             [
                 Row(
                     "chat normalized latency (ms/token)",
@@ -231,7 +290,7 @@ def _norm(kind: str) -> Getter:
     return _summary(kind, "norm_s_per_token", 1e3)
 
 
-def run_one(run: Run, out: Path, parrot: bool, tokenizer: str | None) -> dict:
+def run_one(run: Run, out: Path, parrot: bool, tokenizer: str | None, seed: int = 0) -> dict:
     """Run one scenario through `scenarios.cli.bench`; its printed table goes to OUT/KEY.log.
     Returns the run's record (argv, wall time, per-mode host work, rows)."""
     from scenarios.cli import bench, parser
@@ -241,6 +300,8 @@ def run_one(run: Run, out: Path, parrot: bool, tokenizer: str | None) -> dict:
     argv += ["--no-progress", "--out", str(out)]
     if tokenizer:
         argv += ["--sim-tokenizer", tokenizer]
+    if seed:
+        argv += ["--seed", str(seed)]
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
     with open(out / f"{run.key}.log", "w") as log, contextlib.redirect_stdout(log):
@@ -332,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parrot", action="store_true", help="run Parrot's mode too")
     ap.add_argument("--only", nargs="*", help="run only these keys (fig12b, fig16, ...)")
     ap.add_argument("--tokenizer", help="tokenizer folder of the simulated engines")
+    ap.add_argument("--seed", type=int, default=0, help="seed of arrivals and data picks")
     ap.add_argument(
         "--gpts-requests", type=int, default=200, help="Fig. 16 requests (the artifact: 50)"
     )
@@ -343,11 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(todo, desc="paper_sim", unit="run")
     for run in bar:
         bar.set_postfix_str(run.key)
-        records.append(run_one(run, out, a.parrot, a.tokenizer))
+        records.append(run_one(run, out, a.parrot, a.tokenizer, a.seed))
     bar.close()
     table = markdown(records)
     print(table)
     meta = _machine() | {"tokenizer": a.tokenizer or "default (SmolLM2)", "rtt_s": float(RTT)}
+    meta["seed"] = a.seed
     (out / "paper_sim.json").write_text(json.dumps({"meta": meta, "runs": records}, indent=1))
     (out / "paper_sim.md").write_text(table)
     print(f"wrote {out / 'paper_sim.json'} and {out / 'paper_sim.md'}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 
 import parrot_actors as pa
@@ -167,10 +168,7 @@ def _split_common(prompts: list[str]) -> tuple[str, list[str]]:
     """(common prefix, the rest of each prompt): the prefix ends at the last space or newline
     before the prompts first differ, and leaves each rest at least one character."""
     first = prompts[0]
-    n = min(len(p) for p in prompts) - 1
-    i = 0
-    while i < n and all(p[i] == first[i] for p in prompts):
-        i += 1
+    i = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
     cut = max(first.rfind(" ", 0, i), first.rfind("\n", 0, i))
     cut = max(cut, 0)
     return first[:cut], [p[cut:] for p in prompts]

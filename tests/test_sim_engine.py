@@ -260,3 +260,30 @@ def test_a_real_time_server_on_simulated_engines_answers_openai_requests():
         assert got.choices[0].text.strip()  # words of the tokenizer, no EOS
     finally:
         server.stop()
+
+
+def test_a_prompt_joins_running_work_only_when_all_its_blocks_fit():
+    # Two 2,200-token prompts in 4,096 tokens of KV: the second waits for the first instead
+    # of being prefilled into the free blocks and preempted by the first's decode, again and
+    # again (10,016 prompt tokens computed for 4,400 before this rule).
+    sim = SimConfig(gpu="a100-80gb", model="vicuna-13b", kv_tokens=4096)
+
+    async def main() -> tuple[int, int, list[float]]:
+        engine = await Engine.start(sim_config(sim=sim, max_batch_tokens=8000))
+        try:
+            done: list[float] = []
+
+            async def one(i: int) -> None:
+                await engine.fill(f"p{i}", token_ids=[1000 + i] + [2000] * 2199)
+                await engine.generate(f"p{i}", SamplingParams(max_tokens=50))
+                done.append(clock.now())
+
+            await asyncio.gather(one(0), one(1))
+            s = engine.stats()
+            return s.prefill_tokens, s.preemptions, done
+        finally:
+            await engine.close()
+
+    prefill, preemptions, done = simtime.run(main())
+    assert (prefill, preemptions) == (4400, 0)
+    assert done[1] == pytest.approx(2 * done[0], rel=0.01)  # one after the other

@@ -122,6 +122,10 @@ class Server:
             await self.runtime.close()
 
 
+LISTEN_BACKLOG = 4096
+"""Pending connections the listening socket queues (the kernel caps it at net.core.somaxconn)."""
+
+
 async def start_server(
     engines: Sequence[EngineConfig | EngineClient] | None = None,
     config: ServerConfig | None = None,
@@ -140,7 +144,10 @@ async def start_server(
     try:
         runner = web.AppRunner(create_app(runtime, config), handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port)
+        # A deep accept queue: hundreds of clients connecting at one instant (a load test, a
+        # simulated run's sessions) overflowed aiohttp's default of 128, and the kernel's
+        # dropped handshakes surfaced as connection errors (ReadError) in the clients.
+        site = web.TCPSite(runner, config.host, config.port, backlog=LISTEN_BACKLOG)
         await site.start()
     except BaseException:
         if owns:

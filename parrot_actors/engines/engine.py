@@ -37,8 +37,8 @@ import torch
 
 from parrot_actors import clock
 from parrot_actors.cuda.backend import make_backend
-from parrot_actors.engines.api import EngineClient, TokenizerMethods
-from parrot_actors.engines.core import EngineCore, FinishCallback, Request, StepPlan
+from parrot_actors.engines.api import EngineClient, Tokenizer, TokenizerMethods
+from parrot_actors.engines.core import EngineCore, FinishCallback, ModelRunner, Request, StepPlan
 from parrot_actors.engines.cpu_kernels import kernel_status, load_kernels
 from parrot_actors.engines.llama import LlamaRunner
 from parrot_actors.engines.model_loader import (
@@ -48,7 +48,7 @@ from parrot_actors.engines.model_loader import (
     random_model,
 )
 from parrot_actors.engines.sim import SimConfig, SimRunner
-from parrot_actors.errors import EngineDiedError, EngineError, InvalidRequestError
+from parrot_actors.errors import CapacityError, EngineDiedError, EngineError, InvalidRequestError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
     EngineStats,
@@ -202,17 +202,26 @@ def build_core(config: EngineConfig) -> EngineCore:
         kernels=kernels,
         int8=config.dtype == "int8",
     )
-    num_blocks = config.kv_cache_bytes // runner.kv_bytes_per_block(config.block_size)
-    if num_blocks < 1:
-        from parrot_actors.errors import CapacityError
+    return _core(config, runner, loaded.tokenizer, config.kv_cache_bytes, device, loaded.name)
 
-        raise CapacityError(
-            f"kv_cache_bytes={config.kv_cache_bytes} holds no block of "
-            f"{runner.kv_bytes_per_block(config.block_size)} bytes"
-        )
+
+def _core(
+    config: EngineConfig,
+    runner: ModelRunner,
+    tokenizer: Tokenizer,
+    kv_cache_bytes: int,
+    device: torch.device | None,
+    model_name: str,
+) -> EngineCore:
+    """The core over `runner` with as many KV blocks as `kv_cache_bytes` hold (`device` None:
+    a simulated engine). Raises `CapacityError` when they hold no block."""
+    per_block = runner.kv_bytes_per_block(config.block_size)
+    num_blocks = kv_cache_bytes // per_block
+    if num_blocks < 1:
+        raise CapacityError(f"kv_cache_bytes={kv_cache_bytes} holds no block of {per_block} bytes")
     return EngineCore(
         runner,
-        loaded.tokenizer,
+        tokenizer,
         num_blocks,
         config.block_size,
         max_batch_tokens=config.max_batch_tokens,
@@ -221,7 +230,7 @@ def build_core(config: EngineConfig) -> EngineCore:
         cascade=config.cascade,
         prefix_caching=config.prefix_caching is not False,
         name=config.name,
-        model_name=loaded.name,
+        model_name=model_name,
     )
 
 
@@ -232,25 +241,8 @@ def _build_sim_core(config: EngineConfig) -> EngineCore:
     sim = config.sim or SimConfig()
     tokenizer = load_tokenizer(sim.tokenizer)
     runner = SimRunner(sim, tokenizer, len(tokenizer))  # type: ignore[arg-type]
-    per_block = runner.kv_bytes_per_block(config.block_size)
-    num_blocks = sim.kv_cache_bytes(runner.step_model) // per_block
-    if num_blocks < 1:
-        from parrot_actors.errors import CapacityError
-
-        raise CapacityError(f"the simulated KV cache holds no block of {per_block} bytes")
-    return EngineCore(
-        runner,
-        tokenizer,
-        num_blocks,
-        config.block_size,
-        max_batch_tokens=config.max_batch_tokens,
-        max_running=config.max_running,
-        throughput_step_tokens=_throughput_step_tokens(config, None),
-        cascade=config.cascade,
-        prefix_caching=config.prefix_caching is not False,
-        name=config.name,
-        model_name=runner.step_model.model.name,
-    )
+    kv_bytes = sim.kv_cache_bytes(runner.step_model)
+    return _core(config, runner, tokenizer, kv_bytes, None, runner.step_model.model.name)
 
 
 COMPILE_MIN_HIDDEN = 256

@@ -4,7 +4,7 @@
 (float32, or int8 with per-column scales: `pack_weight_int8`, the engine's `dtype="int8"`)
 (`csrc/packed_linear.cpp`: the BLIS register-blocked micro-kernel, Van Zee & van de Geijn,
 TOMS 2015, section 3). At decode batch sizes it runs the step's matmuls 1.5-3x faster than
-`torch.nn.functional.linear` on the 2-core machines this project is measured on (README,
+`torch.nn.functional.linear` on the 2-core machines this project is measured on (docs/guide.md,
 "Measured"), because torch's BLAS is tuned for large matrices. The fused elementwise ops and
 paged decode attention are in `csrc/fused_ops.cpp`; `decoder_layer` runs a whole layer of a
 decode step from C++ (`csrc/decoder_layer.cpp`).

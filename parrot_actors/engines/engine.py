@@ -86,7 +86,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     random_model: LlamaConfig fields for a random-weight model (tests, speed benchmarks);
     overrides `model`, weights seeded by `seed`. device: "cpu", "cuda", "cuda:N".
     dtype: "float32" (CPU default), "bfloat16", "float16", or "int8" (CPU only: weight-only
-    int8 matmul weights through the packed kernel, the rest float32; README "Measured"
+    int8 matmul weights through the packed kernel, the rest float32; docs/guide.md "Measured"
     gives its speed and perplexity cost; always runs the kernels, whatever `compile` says).
     device "sim": a simulated engine (`engines/sim.py`): this core and loop over `sim`'s
     step-time model and KV size instead of a model's weights (`model` and `dtype` unused).
@@ -111,7 +111,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     5 ms, any CPU-bound Python thread in the process (an in-process client, a notebook, a load
     generator) makes each of those waits up to 5 ms: decode measured 30-50x slower, the
     20-60 s stalls of in-process scenario runs. 0.5 ms cuts that ~5x and costs nothing
-    measurable when nothing competes (README, "Robustness").
+    measurable when nothing competes (docs/guide.md, "Robustness").
     compile: run the layer through the engine's CPU kernels (`cpu_kernels`: packed matmuls,
     fused norm/residual, rotary + KV write, SwiGLU, paged decode attention; built with the
     system C++ compiler once per machine, ~25 s, cached on disk). None (default): on for CPU

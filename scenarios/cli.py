@@ -38,9 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="engine device: cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", help="engine dtype (bfloat16 on a GPU)")
     p.add_argument("--engines", type=int, default=1, help="engines per service")
-    p.add_argument(
-        "--max-running", type=int, help="engine: sequences per step (64; simulated 256)"
-    )
+    p.add_argument("--max-running", type=int, help="engine: sequences per step (64; simulated 256)")
     p.add_argument(
         "--max-batch-tokens", type=int, help="engine: tokens per step (2048; simulated 8192)"
     )
@@ -59,6 +57,16 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="baseline engine: Parrot's settings, latency- or throughput-tuned (repeatable)",
     )
     p.add_argument("--baseline-apc", action="store_true", help="baseline prefix caching on")
+    p.add_argument(
+        "--baseline-url",
+        metavar="URL",
+        help="baseline: drive this OpenAI-compatible server (vLLM, SGLang, ours...) the "
+        "request-level way instead of an in-process one; its token counters come from its "
+        "/metrics when it exposes vLLM's, SGLang's or ours (else n/a)",
+    )
+    p.add_argument(
+        "--baseline-model", metavar="NAME", help="model name at --baseline-url (default: its first)"
+    )
     p.add_argument("--rtt", type=float, default=0.25, help="network round trip (s)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals and data picks")
     p.add_argument("--out", default="out/bench", help="folder for SCENARIO.json / .png")

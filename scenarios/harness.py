@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,8 @@ from parrot_actors import clock, simtime
 from parrot_actors.engines.engine import EngineConfig
 from parrot_actors.engines.sim import SimConfig
 from parrot_actors.server import BackgroundServer, ServerConfig
-from parrot_actors.server.app import Server, start_server
+from parrot_actors.server.app import Server, package_version, start_server
+from scenarios import peer
 from scenarios.context import RunContext
 from scenarios.records import CallRecord, ModeResult, TokenStats
 
@@ -147,6 +149,10 @@ def mode_specs(
     base = pa.SchedulerConfig(
         policy="fcfs", prefix_sharing=False, automatic_prefix_caching=args.baseline_apc
     )
+    external = getattr(args, "baseline_url", None)
+    if variants and external:  # one baseline client drives that server, tuned as its owner runs it
+        first = next(v for v in variants if v[1] == "baseline")
+        variants = [v for v in variants if v[1] == "parrot" or v == first]
     if variants:
         return [
             ModeSpec(
@@ -159,13 +165,15 @@ def mode_specs(
             for label, mode, tuning in variants
             if args.mode in (mode, "both")
         ]
+    if external:
+        tunings = tunings[:1]
     specs = []
     if args.mode in ("parrot", "both"):
         specs.append(ModeSpec("parrot", "parrot", engine_configs(args), parrot))
     if args.mode in ("baseline", "both"):
         for t in tunings:
             tuning = _tunings(args).get(t)
-            label = "baseline" if t == "same" else f"baseline-{t}"
+            label = "baseline" if t == "same" or external else f"baseline-{t}"
             specs.append(ModeSpec(label, "baseline", engine_configs(args, tuning), base))
     return specs
 
@@ -174,10 +182,19 @@ def run_mode(
     spec: ModeSpec, scenario: ModuleType, args: argparse.Namespace, progress: bool = True
 ) -> ModeResult:
     """Run `scenario` once in `spec`'s mode (its own service unless `args.url`) and return
-    what it measured. Raises what the scenario raises (e.g. `pa.CallError`, `openai` errors)
-    and `TimeoutError` when the run takes longer than `args.timeout` seconds."""
-    if args.url:
-        return asyncio.run(_drive(spec, scenario, args, args.url, None, progress))
+    what it measured. The baseline mode drives `args.baseline_url` instead when given (any
+    OpenAI-compatible server: `peer`). Raises what the scenario raises (e.g. `pa.CallError`,
+    `openai` errors), `TimeoutError` when the run takes longer than `args.timeout` seconds,
+    and `ValueError` for `--baseline-url` with `--sim` (a real server runs in real time)."""
+    external = getattr(args, "baseline_url", None) if spec.mode == "baseline" else None
+    if external and args.sim:
+        raise ValueError(
+            f"--baseline-url {external} is a real server and runs in real time; it cannot be "
+            f"the baseline of a simulated run (--sim {args.sim}): drop one of the two"
+        )
+    if external or args.url:
+        url = (external or args.url).rstrip("/")
+        return asyncio.run(_drive(spec, scenario, args, url, None, progress))
     if args.sim:
         charge = (args.sim_host or ("charge" if args.sim == "cpu-fitted" else "report")) == "charge"
         return simtime.run(_simulated(spec, scenario, args, progress), charge_host=charge)
@@ -271,37 +288,49 @@ async def _warmup_ids(server: BackgroundServer | Server | None) -> set[int]:
     return set()
 
 
-_COUNTERS = ("prefill_tokens", "reused_tokens", "generated_tokens", "steps", "preemptions")
-
-
-async def _engine_counters(url: str, server: BackgroundServer | Server | None) -> dict[str, int]:
+async def _engine_counters(url: str, server: BackgroundServer | Server | None) -> TokenStats:
     """The service's engine counters summed over its engines: read in process when the
-    service is ours, else from its Prometheus /metrics (a session's /v1/stats shows only that
-    session's own calls)."""
+    service is ours, else from its Prometheus /metrics (ours, vLLM's or SGLang's: `peer`; a
+    session's /v1/stats shows only that session's own calls). A server without /metrics gives
+    `source` "n/a"."""
     if server is not None:
 
-        async def read() -> dict[str, int]:
+        async def read() -> TokenStats:
             engines = [e.stats() for e in server.runtime.engines]
-            return {c: sum(getattr(e, c) for e in engines) for c in _COUNTERS}
+            return TokenStats(**{c: sum(getattr(e, c) for e in engines) for c in peer.COUNTERS})
 
         return await _on_server(server, read)
     import aiohttp
-    from prometheus_client.parser import text_string_to_metric_families
 
     key = os.environ.get("PARROT_ACTORS_METRICS_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics", headers=headers) as r:
-        text = await r.text()
-    out = dict.fromkeys(_COUNTERS, 0)
-    for family in text_string_to_metric_families(text):
-        name = family.name.removeprefix("parrot_engine_")
-        if name in out:
-            out[name] = int(sum(s.value for s in family.samples if s.name.endswith("_total")))
-    return out
+    timeout = aiohttp.ClientTimeout(total=30.0)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with http.get(url + "/metrics", headers=headers) as r:
+            if r.status != 200:
+                return TokenStats(source="n/a")
+            text = await r.text()
+    try:
+        return peer.parse_counters(text)
+    except ValueError:
+        return TokenStats(source="n/a")
 
 
-def _tokens(before: dict[str, int], after: dict[str, int]) -> TokenStats:
-    return TokenStats(**{c: after[c] - before[c] for c in _COUNTERS})
+async def _server_identity(url: str, owned_by: str, model: str) -> dict[str, str]:
+    """Name and version of the server at `url` (`peer.server_name` of its GET /version,
+    which a server may lack), with its url and the model asked for."""
+    import aiohttp
+
+    body: object = None
+    try:
+        timeout = aiohttp.ClientTimeout(total=30.0)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.get(url + "/version") as r:
+                if r.status == 200:
+                    body = await r.json(content_type=None)
+    except (aiohttp.ClientError, ValueError):
+        body = None
+    return peer.server_name(body, owned_by) | {"url": url, "model": model}
 
 
 def _parrot_call(s: object) -> CallRecord:
@@ -336,7 +365,18 @@ async def _drive(
         base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600.0
     )
     models = await client.models.list()
-    model = models.data[0].id
+    external = spec.mode == "baseline" and getattr(args, "baseline_url", None)
+    model = (external and getattr(args, "baseline_model", None)) or models.data[0].id
+    identity = (
+        await _server_identity(url, models.data[0].owned_by, model)
+        if server is None
+        else {
+            "name": "parrot_actors",
+            "version": package_version(),
+            "url": "in-process",
+            "model": model,
+        }
+    )
     if server is not None:
         tokenizer = server.runtime.engines[0].tokenizer
     else:
@@ -357,7 +397,13 @@ async def _drive(
         variant=spec.variant,
     )
     ctx.bar, ctx.openai = bar, client
-    async with pa.Runtime.connect(url, max_connections=512, get_timeout_s=3600.0) as rt:
+    # Only Parrot's mode speaks the Parrot API: a baseline server may be anyone's.
+    async with contextlib.AsyncExitStack() as stack:
+        rt = None
+        if spec.mode == "parrot":
+            rt = await stack.enter_async_context(
+                pa.Runtime.connect(url, max_connections=512, get_timeout_s=3600.0)
+            )
         before = await _engine_counters(url, server)
         load0 = os.getloadavg()[0]
         ctx.t0 = clock.now()
@@ -374,7 +420,8 @@ async def _drive(
                 f"{timeout:g} s ({len(ctx.apps)} apps done)"
             ) from None
         wall = ctx.now()
-        await rt.flush()
+        if rt is not None:
+            await rt.flush()
         after = await _engine_counters(url, server)
     bar.close()
     await client.close()
@@ -385,6 +432,8 @@ async def _drive(
         calls = [_parrot_call(s) for s in await _call_stats(server) if s.call_id not in warmup]
     engine = msgspec.to_builtins(spec.engines[0])
     engine.pop("random_model", None)
+    if external:  # its engine settings are that server's own, unknown here
+        engine = {"external": url}
     return ModeResult(
         label=spec.label,
         engine=engine | {"count": len(spec.engines)},
@@ -393,8 +442,9 @@ async def _drive(
         round_trips=ctx.round_trips,
         apps=sorted(ctx.apps, key=lambda a: a.app),
         calls=calls,
-        tokens=_tokens(before, after),
+        tokens=peer.difference(before, after),
         outputs=dict(sorted(ctx.outputs.items())),
         load=(load0, os.getloadavg()[0]),
         extra=dict(ctx.extra),
+        server=identity,
     )

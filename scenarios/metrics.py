@@ -49,9 +49,9 @@ class Summary(msgspec.Struct, kw_only=True):
     ttft_mean_s: float
     ttft_p99_s: float
     tpot_mean_s: float
-    prefill_tokens: int
-    reused_tokens: int
-    generated_tokens: int
+    prefill_tokens: float
+    reused_tokens: float
+    generated_tokens: float
 
 
 def summarize(result: ModeResult, kind: str = "all") -> Summary:
@@ -63,6 +63,8 @@ def summarize(result: ModeResult, kind: str = "all") -> Summary:
     calls = result.calls
     tpot = [c.tpot_s for c in calls if c.completion_tokens > 1]
     t = result.tokens
+    # A server without known counters: NaN, which the tables show as n/a.
+    known = t.source != "n/a"
     return Summary(
         kind=kind,
         apps=len(apps),
@@ -71,13 +73,15 @@ def summarize(result: ModeResult, kind: str = "all") -> Summary:
         p90_s=percentile(lat, 90),
         p99_s=percentile(lat, 99),
         norm_s_per_token=mean(norm),
-        throughput_tok_s=t.generated_tokens / result.wall_s if result.wall_s > 0 else math.nan,
+        throughput_tok_s=(
+            t.generated_tokens / result.wall_s if result.wall_s > 0 and known else math.nan
+        ),
         ttft_mean_s=mean([c.ttft_s for c in calls]),
         ttft_p99_s=percentile([c.ttft_s for c in calls], 99),
         tpot_mean_s=mean(tpot),
-        prefill_tokens=t.prefill_tokens,
-        reused_tokens=t.reused_tokens,
-        generated_tokens=t.generated_tokens,
+        prefill_tokens=t.prefill_tokens if known else math.nan,
+        reused_tokens=t.reused_tokens if known else math.nan,
+        generated_tokens=t.generated_tokens if known else math.nan,
     )
 
 

@@ -50,7 +50,7 @@ def machine() -> str:
 
 
 def _fmt(fmt: str, v: float) -> str:
-    return "-" if isinstance(v, float) and math.isnan(v) else fmt.format(v)
+    return "n/a" if isinstance(v, float) and math.isnan(v) else fmt.format(v)
 
 
 def reference(name: str) -> str:
@@ -92,6 +92,13 @@ def print_table(name: str, results: list[ModeResult], out: TextIO) -> None:
                 for d in derived
             )
             out.write(f"{title:<24}{cells}\n")
+    for r in results:
+        if r.server:
+            sv = r.server
+            out.write(
+                f"{r.label}: {sv.get('name')} {sv.get('version')} at {sv.get('url')}, model "
+                f"{sv.get('model')}; token counters: {r.tokens.source}\n"
+            )
     compared, bad = compare_outputs(results)
     if compared:
         verdict = "identical" if not bad else f"{len(bad)} differ: {bad[:5]}"

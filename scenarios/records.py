@@ -44,13 +44,16 @@ class CallRecord(msgspec.Struct, kw_only=True):
 
 class TokenStats(msgspec.Struct, kw_only=True):
     """Engine counters over one mode's run (after minus before, all engines): prefill tokens
-    computed, tokens reused (forked or cached prefixes), tokens generated, engine steps."""
+    computed, tokens reused (forked or cached prefixes), tokens generated, engine steps.
+    source: where they came from: "parrot_actors" (ours), "vllm" or "sglang" (a foreign
+    baseline's /metrics), or "n/a" (a server that exposes none: every count 0, shown as n/a)."""
 
     prefill_tokens: int = 0
     reused_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
+    source: str = "parrot_actors"
 
 
 class ModeResult(msgspec.Struct, kw_only=True):
@@ -58,7 +61,9 @@ class ModeResult(msgspec.Struct, kw_only=True):
     "baseline-throughput". engine: the engine settings used. wall_s: the run's makespan.
     outputs: every call's output text by a key that is the same in both modes. load: the
     machine's 1-minute load average before and after the run (other processes' load shows
-    here: the CPU is shared). extra: counters the scenario kept (named in its module)."""
+    here: the CPU is shared). extra: counters the scenario kept (named in its module).
+    server: the server this mode measured: "name" and "version" (from its `GET /version`),
+    "url" ("in-process" for the mode's own service) and "model" (the model it was asked for)."""
 
     label: str
     engine: dict
@@ -71,3 +76,4 @@ class ModeResult(msgspec.Struct, kw_only=True):
     outputs: dict[str, str]
     load: tuple[float, float] = (0.0, 0.0)
     extra: dict[str, float] = {}
+    server: dict[str, str] = {}

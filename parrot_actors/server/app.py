@@ -27,7 +27,7 @@ from parrot_actors.server.http import error_middleware, json_response
 from parrot_actors.server.metrics import Metrics
 from parrot_actors.server.openai_api import OpenAIAPI
 from parrot_actors.server.parrot_api import ParrotAPI
-from parrot_actors.server.protocol import Health
+from parrot_actors.server.protocol import Health, Version
 from parrot_actors.server.router import EngineRouter
 from parrot_actors.server.sessions import SessionManager
 
@@ -78,7 +78,11 @@ def create_app(runtime: Runtime, config: ServerConfig | None = None) -> web.Appl
         body, ctype = metrics.render()
         return web.Response(body=body, headers={"Content-Type": ctype})
 
+    async def version(request: web.Request) -> web.Response:
+        return json_response(Version(version=package_version()))
+
     app.add_routes([web.get("/health", health), web.get("/metrics", prometheus)])
+    app.add_routes([web.get("/version", version)])
     app.add_routes(parrot.routes())
     app.add_routes(openai.routes())
 
@@ -92,6 +96,17 @@ def create_app(runtime: Runtime, config: ServerConfig | None = None) -> web.Appl
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+def package_version() -> str:
+    """This package's installed version (pyproject's), or "unknown" when it runs from a
+    source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("parrot_actors")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 REQUEST_ID = "X-Request-Id"

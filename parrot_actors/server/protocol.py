@@ -238,6 +238,14 @@ class Health(Response, kw_only=True):
     unhealthy: dict[str, str] = {}
 
 
+class Version(Response, kw_only=True):
+    """GET /version: the server's name and version, shaped like vLLM's `{"version": ...}`
+    answer (SGLang serves the same route), so a benchmark can name the server it measured."""
+
+    version: str
+    server: str = "parrot_actors"
+
+
 class SessionStats(Response, kw_only=True):
     """GET /v1/stats: the session's own counters, nothing about other sessions or engines.
 

@@ -208,7 +208,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
     generated_tokens: tokens sampled. preemptions: running requests whose KV was dropped to be
     recomputed later. evictions: idle contexts whose KV was dropped under KV pressure (they are
     recomputed when next used). kv_blocks_used / kv_blocks_total: blocks of the KV pool
-    (block_size tokens each). running / waiting: requests in the batch / queued. contexts:
+    (block_size tokens each); kv_blocks_peak: the most blocks in use at once since the pool was
+    made (Parrot Fig. 17 reports this). running / waiting: requests in the batch / queued. contexts:
     live contexts. mean_batch_size / max_batch_size: sequences per step over all steps so far.
     max_model_len: the longest context the model holds (tokens).
     healthy: False while the engine's loop is down (between a failure and its rebuild).
@@ -228,6 +229,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     evictions: int = 0
     steps: int = 0
     kv_blocks_used: int = 0
+    kv_blocks_peak: int = 0
     kv_blocks_total: int = 0
     kv_cached_blocks: int = 0
     block_size: int = 16

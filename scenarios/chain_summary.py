@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import random
 
 import parrot_actors as pa
 from scenarios import workloads
-from scenarios.context import RunContext
+from scenarios.context import RunContext, run_apps
 from scenarios.functions import make_function, max_tokens_of, render
 
 NAME = "chain_summary"
@@ -48,6 +50,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Scenario flags (sizes in tokens)."""
     p.add_argument("--chains", type=int, default=1, help="concurrent chains (Fig. 12b)")
     p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the chains one after another (Fig. 11: one chain at a time, article c each)",
+    )
+    p.add_argument(
         "--chunks",
         type=int,
         default=4,
@@ -56,6 +63,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", type=int, default=128, help="tokens per chunk")
     p.add_argument("--output-tokens", type=int, default=24, help="summary tokens per step")
     p.add_argument("--background", type=int, default=0, help="background request streams")
+    p.add_argument(
+        "--background-rate",
+        type=float,
+        default=0.0,
+        help="background requests per second, Poisson (Fig. 12a: 0-3.5); instead of --background",
+    )
     p.add_argument("--background-prompt", type=int, default=64, help="background prompt tokens")
     p.add_argument("--background-output", type=int, default=32, help="background output tokens")
     p.add_argument(
@@ -97,30 +110,54 @@ def _parts(ctx: RunContext, args: argparse.Namespace, chain: int) -> list[str]:
 
 
 async def background_load(ctx: RunContext, args: argparse.Namespace) -> asyncio.Task | None:
-    """Start `args.background` closed-loop streams of background requests (each sends its next
-    request when the last one returned, one round trip each) and return their task, after
-    `args.background_warmup` seconds so the engine is loaded when the measured apps start."""
-    if args.background <= 0:
+    """Start the background load and return its task, after `args.background_warmup` seconds
+    so the engine is loaded when the measured apps start: `args.background` closed-loop
+    streams (each sends its next request when the last one returned, one round trip each),
+    or open-loop Poisson arrivals at `args.background_rate` requests per second (Fig. 12a:
+    512-token prompts, 50-token outputs), each request sent at its time whatever the others
+    do. Raises `ValueError` when both are asked for."""
+    if args.background > 0 and args.background_rate > 0:
+        raise ValueError(
+            f"--background {args.background} and --background-rate {args.background_rate:g}: "
+            "pick one (closed-loop streams or Poisson arrivals)"
+        )
+    if args.background <= 0 and args.background_rate <= 0:
         return None
     fn = background_function(args)
     texts = workloads.chunks(ctx.tokenizer, workloads.article(7), 64, args.background_prompt)
 
+    async def send(key: int, text: str) -> None:
+        arrival = ctx.now()
+        if ctx.parrot:
+            await ctx.network()
+            out = await fn(text=pa.Variable(text)).get(perf=pa.THROUGHPUT)
+        else:
+            out = await ctx.complete(render(fn, text=text), max_tokens_of(fn), "background", key)
+        ctx.finish(key, "background", arrival, [out], 1, progress=False)
+
     async def stream(w: int) -> None:
         i = 0
         while True:
-            text = texts[(w * 7 + i) % len(texts)]
-            arrival = ctx.now()
-            if ctx.parrot:
-                await ctx.network()
-                out = await fn(text=pa.Variable(text)).get(perf=pa.THROUGHPUT)
-            else:
-                out = await ctx.complete(
-                    render(fn, text=text), max_tokens_of(fn), "background", 10_000 + w
-                )
-            ctx.finish(10_000 + w * 1000 + i, "background", arrival, [out], 1, progress=False)
+            await send(10_000 + w * 1000 + i, texts[(w * 7 + i) % len(texts)])
             i += 1
 
-    task = asyncio.ensure_future(asyncio.gather(*(stream(w) for w in range(args.background))))
+    async def poisson() -> None:
+        rng = random.Random(ctx.seed)
+        sent: set[asyncio.Task] = set()
+        try:
+            for i in itertools.count():
+                await asyncio.sleep(rng.expovariate(args.background_rate))
+                task = asyncio.ensure_future(send(10_000 + i, texts[i % len(texts)]))
+                sent.add(task)
+                task.add_done_callback(sent.discard)
+        finally:
+            for task in sent:
+                task.cancel()
+
+    if args.background_rate > 0:
+        task = asyncio.ensure_future(poisson())
+    else:
+        task = asyncio.ensure_future(asyncio.gather(*(stream(w) for w in range(args.background))))
     await asyncio.sleep(args.background_warmup)
     return task
 
@@ -154,7 +191,7 @@ async def run_parrot(ctx: RunContext, args: argparse.Namespace) -> None:
             ctx.keep(f"chain{c}/step{i}", s.value())
         ctx.finish(c, "chain", arrival, [final], len(steps))
 
-    await asyncio.gather(*(chain(c) for c in range(args.chains)))
+    await run_apps(args.chains, chain, args.sequential)
     await stop_background(bg)
 
 
@@ -173,5 +210,5 @@ async def run_baseline(ctx: RunContext, args: argparse.Namespace) -> None:
             ctx.keep(f"chain{c}/step{i}", summary)
         ctx.finish(c, "chain", arrival, [summary], len(parts))
 
-    await asyncio.gather(*(chain(c) for c in range(args.chains)))
+    await run_apps(args.chains, chain, args.sequential)
     await stop_background(bg)

@@ -51,6 +51,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--throughput-cap", type=int, default=64, help="Parrot: throughput calls/engine")
     p.add_argument(
+        "--latency-cap",
+        type=int,
+        default=8,
+        help="Parrot: running latency calls per engine (Parrot §5.2 keeps latency batches small)",
+    )
+    p.add_argument(
         "--baseline-tuning",
         action="append",
         choices=["same", "latency", "throughput"],
@@ -68,6 +74,23 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--baseline-model", metavar="NAME", help="model name at --baseline-url (default: its first)"
     )
     p.add_argument("--rtt", type=float, default=0.25, help="network round trip (s)")
+    p.add_argument(
+        "--rtt-dist",
+        choices=("fixed", "paper"),
+        default="fixed",
+        help="fixed: --rtt per round trip; paper: each drawn from the paper's 218-345 ms, mean "
+        "244 ms, half before the request and half after (scenarios.context.paper_rtt)",
+    )
+    p.add_argument(
+        "--parrot-no-sharing",
+        action="store_true",
+        help="Parrot's mode without forking shared prefixes (Fig. 17: without sharing)",
+    )
+    p.add_argument(
+        "--no-cascade",
+        action="store_true",
+        help="engines decode forks without the shared-prefix kernel (Fig. 16: PagedAttention only)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals and data picks")
     p.add_argument("--out", default="out/bench", help="folder for SCENARIO.json / .png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -129,7 +152,16 @@ def parser(prog: str = "python -m scenarios") -> argparse.ArgumentParser:
         sp.set_defaults(cpu_max_running=defaults.pop("max_running", None), **defaults)
     sub.add_parser("list", help="list the scenarios and their figures")
     rep = sub.add_parser("report", help="run the measured set and write docs/results.md")
-    rep.add_argument("--only", nargs="*", help="run only these entries (names)")
+    rep.add_argument(
+        "--only", nargs="*", help="run only these entries or simulated figures (names)"
+    )
+    rep.add_argument(
+        "--part",
+        choices=("all", "sim", "real"),
+        default="all",
+        help="sim: only the simulated figures (minutes, any machine); real: only this CPU's "
+        "entries (about 25 minutes alone on 2 cores); results.md is rebuilt from both",
+    )
     rep.add_argument("--docs", default="docs", help="docs folder")
     rep.add_argument(
         "--render-only",
@@ -176,7 +208,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m scenarios") -> in
             replot(Path(args.docs))
             (Path(args.docs) / "results.md").write_text(render(Path(args.docs)))
             return 0
-        return run_report(Path(args.docs), args.only)
+        return run_report(Path(args.docs), args.only, args.part)
     _, body = bench(args, argv)
     if args.strict and body["outputs_differ"]:
         return 1

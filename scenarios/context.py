@@ -4,21 +4,53 @@ Parrot mode uses `pa.Runtime.connect(url)` (semantic functions; the service runs
 calls itself). The baseline uses `openai.AsyncOpenAI` completions against the same service's
 OpenAI-compatible endpoint, the way a LangChain-style app does: send a request, await its
 answer, send the next, paying a simulated network round trip per request (Parrot §8: 250 ms).
+`--rtt-dist paper` samples each round trip from the paper's network model instead (`paper_rtt`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from parrot_actors import clock
 from scenarios.records import AppRecord, CallRecord
 
+PAPER_RTT_S = (0.218, 0.345, 0.244)
+"""The paper's network: round trips sampled from 100 measured gpt-35-turbo latencies, 218-345 ms,
+mean 244 ms (../shared/paper_figures.md, common setup)."""
+
+
+def paper_rtt(rng: random.Random) -> float:
+    """One round trip of the paper's network model (seconds). The 100 measured latencies are
+    not published, only their range and mean, so this draws Beta(1, b) scaled to 218-345 ms,
+    b chosen for the 244 ms mean (b = (1 - m) / m, m = (244 - 218) / (345 - 218)): right-skewed
+    like measured latencies, its 99th percentile (306 ms) nearest the maximum of 100 draws
+    among Beta(a, b) with a >= 1 (a = 2 puts it at 288 ms)."""
+    lo, hi, mean = PAPER_RTT_S
+    m = (mean - lo) / (hi - lo)
+    return lo + (hi - lo) * rng.betavariate(1.0, (1 - m) / m)
+
+
+async def run_apps(
+    count: int, app: Callable[[int], Awaitable[None]], sequential: bool = False
+) -> None:
+    """Run `app(0)` .. `app(count - 1)`: all at once, or one after another when
+    `sequential` (the paper's Fig. 11 and 13 time one app at a time over its 10 articles)."""
+    if sequential:
+        for i in range(count):
+            await app(i)
+    else:
+        await asyncio.gather(*(app(i) for i in range(count)))
+
 
 @dataclass
 class RunContext:
     """One mode's run. mode: "parrot" or "baseline". rtt_s: simulated network round trip
-    (seconds) paid per request by the baseline and once per app by Parrot. model: the served
+    (seconds) paid per request by the baseline and once per app by Parrot; rtt_dist "paper":
+    each round trip drawn by `paper_rtt` instead (seeded by `seed`), half before the request
+    and half after its answer (the paper's model; `complete`). model: the served
     model name (OpenAI `model`). tokenizer: the served model's, for token counts and
     truncation. variant: the client variant of a scenario with several (a `VARIANTS`
     label), else "". bar: a tqdm progress bar over apps (or None). extra: counters the
@@ -39,6 +71,14 @@ class RunContext:
     round_trips: int = 0
     extra: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=clock.now)
+    rtt_dist: str = "fixed"
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def rtt(self) -> float:
+        """The next round trip (seconds): `rtt_s`, or a draw of the paper's model."""
+        return paper_rtt(self._rng) if self.rtt_dist == "paper" else self.rtt_s
 
     @property
     def parrot(self) -> bool:
@@ -60,10 +100,11 @@ class RunContext:
             await asyncio.sleep(delay)
 
     async def network(self) -> None:
-        """One simulated network round trip (`rtt_s` seconds)."""
+        """One simulated network round trip (`rtt()` seconds)."""
         self.round_trips += 1
-        if self.rtt_s > 0:
-            await asyncio.sleep(self.rtt_s)
+        rtt = self.rtt()
+        if rtt > 0:
+            await asyncio.sleep(rtt)
 
     def finish(
         self,
@@ -99,8 +140,16 @@ class RunContext:
     async def complete(self, prompt: str, max_tokens: int, name: str, app: int) -> str:
         """Baseline: one OpenAI completion of `prompt` (greedy, `max_tokens` tokens at most),
         streamed to time its first token, after one network round trip. Records a
-        `CallRecord` and returns the text. Raises the `openai` client's errors."""
-        await self.network()
+        `CallRecord` (timed at the client, network excluded) and returns the text. With
+        `rtt_dist` "paper" half the round trip is paid before the request and half after
+        the answer. Raises the `openai` client's errors."""
+        if self.rtt_dist == "paper":
+            self.round_trips += 1
+            half = self.rtt() / 2
+            await asyncio.sleep(half)
+        else:
+            await self.network()
+            half = 0.0
         start = self.now()
         stream = await self.openai.completions.create(
             model=self.model,
@@ -133,4 +182,6 @@ class RunContext:
                 completion_tokens=n_out,
             )
         )
+        if half > 0:
+            await asyncio.sleep(half)
         return "".join(parts)

@@ -88,6 +88,7 @@ def engine_configs(args: argparse.Namespace, tuning: dict | None = None) -> list
         "kv_cache_bytes": int(args.kv_cache_mb * (1 << 20)),
         "device": args.device,
         "dtype": args.dtype,
+        "cascade": not getattr(args, "no_cascade", False),
     }
     kw.update(tuning or {})
     if args.tiny:
@@ -123,6 +124,7 @@ def _sim_configs(args: argparse.Namespace, tuning: dict | None) -> list[EngineCo
         "max_batch_tokens": args.max_batch_tokens or (2048 if cpu else SIM_MAX_BATCH_TOKENS),
         "device": "sim",
         "sim": sim,
+        "cascade": not getattr(args, "no_cascade", False),
     }
     if cpu:
         kw["throughput_step_tokens"] = 64  # the CPU engine's "auto"
@@ -144,8 +146,17 @@ def mode_specs(
     """The modes `args.mode` asks for: Parrot, and one baseline per tuning in `tunings`
     ("same": Parrot's engine settings; "latency" / "throughput": `LATENCY_TUNED` /
     `THROUGHPUT_TUNED`). A scenario with client `variants` ((label, mode, tuning) triples)
-    gets one mode per variant instead, each on a service of its mode and engine tuning."""
-    parrot = pa.SchedulerConfig(throughput_cap=args.throughput_cap)
+    gets one mode per variant instead, each on a service of its mode and engine tuning.
+    `--parrot-no-sharing`: Parrot's mode without forking shared prefixes (Fig. 17's "without
+    sharing"); `--no-cascade`: engines without the shared-prefix decode kernel (Fig. 16's
+    "Parrot with PagedAttention only")."""
+    sharing = not getattr(args, "parrot_no_sharing", False)
+    parrot = pa.SchedulerConfig(
+        throughput_cap=args.throughput_cap,
+        latency_cap=getattr(args, "latency_cap", 8),
+        prefix_sharing=sharing,
+        automatic_prefix_caching=None if sharing else False,  # no reuse of any kind
+    )
     base = pa.SchedulerConfig(
         policy="fcfs", prefix_sharing=False, automatic_prefix_caching=args.baseline_apc
     )
@@ -241,7 +252,8 @@ def _sim_engine_extra(server: Server) -> dict[str, float]:
     `ModeResult.extra`: steps and preemptions summed over engines (`sim_steps`,
     `sim_preemptions`, `sim_evictions`), sequences per step weighted by steps
     (`sim_mean_batch_size`), the largest batch (`sim_max_batch_size`), and the busiest
-    engine's predicted step seconds (`sim_busy_s_max`)."""
+    engine's predicted step seconds (`sim_busy_s_max`), and the most KV blocks one engine held
+    at once (`sim_kv_blocks_peak`, of `sim_kv_blocks_total` per engine, block_size tokens each)."""
     stats = [e.stats() for e in server.runtime.engines]
     steps = sum(s.steps for s in stats)
     return {
@@ -252,6 +264,9 @@ def _sim_engine_extra(server: Server) -> dict[str, float]:
             round(sum(s.mean_batch_size * s.steps for s in stats) / steps, 3) if steps else 0.0
         ),
         "sim_max_batch_size": float(max((s.max_batch_size for s in stats), default=0)),
+        "sim_kv_blocks_peak": float(max((s.kv_blocks_peak for s in stats), default=0)),
+        "sim_kv_blocks_total": float(max((s.kv_blocks_total for s in stats), default=0)),
+        "sim_block_size": float(stats[0].block_size if stats else 0),
         "sim_busy_s_max": round(
             max((s.step_time.get("simulated_s", 0.0) for s in stats), default=0.0), 3
         ),
@@ -391,6 +406,7 @@ async def _drive(
         mode=spec.mode,
         url=url,
         rtt_s=args.rtt,
+        rtt_dist=getattr(args, "rtt_dist", "fixed"),
         seed=args.seed,
         model=model,
         tokenizer=tokenizer,

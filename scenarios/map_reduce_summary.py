@@ -15,7 +15,7 @@ import asyncio
 
 import parrot_actors as pa
 from scenarios import workloads
-from scenarios.context import RunContext
+from scenarios.context import RunContext, run_apps
 from scenarios.functions import make_function, max_tokens_of, render
 
 NAME = "map_reduce_summary"
@@ -37,6 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         choices=["sequential", "concurrent"],
         default="sequential",
         help="how the baseline app sends its maps",
+    )
+    p.add_argument(
+        "--sequential", action="store_true", help="run the jobs one after another (Fig. 13)"
     )
 
 
@@ -135,7 +138,7 @@ async def run_parrot(ctx: RunContext, args: argparse.Namespace) -> None:
         text = await parrot_job(ctx, chunks, args.output_tokens, args.reduce_tokens, f"job{j}")
         ctx.finish(j, "map-reduce", arrival, [text], len(chunks) + 1)
 
-    await asyncio.gather(*(job(j) for j in range(args.jobs)))
+    await run_apps(args.jobs, job, args.sequential)
 
 
 async def run_baseline(ctx: RunContext, args: argparse.Namespace) -> None:
@@ -155,4 +158,4 @@ async def run_baseline(ctx: RunContext, args: argparse.Namespace) -> None:
         )
         ctx.finish(j, "map-reduce", arrival, [text], len(chunks) + 1)
 
-    await asyncio.gather(*(job(j) for j in range(args.jobs)))
+    await run_apps(args.jobs, job, args.sequential)

@@ -29,6 +29,32 @@ _ROWS = [
 ]
 
 
+def commit() -> str:
+    """The repository's commit (short hash, "+dirty" with uncommitted changes to tracked
+    files), or "unknown" outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
 def machine() -> str:
     """A one-line description of this machine (CPU, cores, Python, torch)."""
     import os
@@ -113,6 +139,7 @@ def report_dict(name: str, argv: list[str], results: list[ModeResult]) -> dict:
         "scenario": name,
         "argv": argv,
         "machine": machine(),
+        "commit": commit(),
         "modes": {
             r.label: {
                 "result": msgspec.to_builtins(r),

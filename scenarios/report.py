@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from scenarios.report_text import NOTES, PREAMBLE
+from scenarios.report_sim import figure_headlines, render_section, sim_meta
+from scenarios.report_text import CALIBRATION, NOTES, PREAMBLE, TOP
 
 
 @dataclass(frozen=True)
@@ -170,17 +171,27 @@ ENTRIES = (
 """The measured set, in the order of the paper's figures."""
 
 
-def run_report(docs: Path, only: list[str] | None = None) -> int:
-    """Run the entries (all, or those named in `only`), each in its own process (a fresh
-    interpreter per entry keeps one entry's memory from the next), then rewrite
-    docs/results.md from every entry's JSON. Returns 0, 2 for an unknown entry name, or the
-    exit status of the first entry that failed."""
-    names = {e.name for e in ENTRIES}
+def run_report(docs: Path, only: list[str] | None = None, part: str = "all") -> int:
+    """Run the simulated figures (`part` "all" or "sim": `report_sim.run_figures`) and this
+    CPU's entries ("all" or "real"; all, or those named in `only`), each entry in its own
+    process (a fresh interpreter per entry keeps one entry's memory from the next), then
+    rewrite docs/results.md from every JSON present. Returns 0, 2 for an unknown name, or
+    the exit status of the first run that failed."""
+    from scenarios.report_sim import run_figures
+    from scenarios.report_sim_figures import FIGURES
+
+    names = {e.name for e in ENTRIES} | {f.name for f in FIGURES}
     unknown = sorted(set(only or ()) - names)
     if unknown:
-        print(f"unknown entries {unknown}; entries: {sorted(names)}")
+        print(f"unknown entries {unknown}; entries and figures: {sorted(names)}")
         return 2
-    for e in ENTRIES:
+    if part in ("all", "sim"):
+        sims = [n for n in only or () if n in {f.name for f in FIGURES}]
+        if not only or sims:
+            status = run_figures(docs, sims or None)
+            if status:
+                return status
+    for e in ENTRIES if part in ("all", "real") else ():
         if only and e.name not in only:
             continue
         print(f"== {e.name} ({e.figure})", flush=True)
@@ -262,6 +273,48 @@ def replot(docs: Path) -> None:
             plot(path.with_suffix(".png"), title, results)
 
 
+def _cpu_entry(figure: str) -> Entry | None:
+    """This CPU's entry for a paper figure id ("11a" -> the "Fig. 11" entry)."""
+    for name in (f"Fig. {figure}", f"Fig. {figure.rstrip('ab')}"):
+        for e in ENTRIES:
+            if e.figure == name:
+                return e
+    return None
+
+
+def _overview(docs: Path, bodies: dict[str, dict]) -> list[str]:
+    """Every figure in one table: the paper's number (quoted), ours simulated at its shape,
+    ours real on this CPU at a small shape, each naming where it ran."""
+    sim_commit, _ = sim_meta(docs)
+    cpu_commit = next((b.get("commit", "-") for b in bodies.values()), "-")
+    out = [
+        "## Every figure: the paper, simulated at its shape, real on this CPU",
+        "",
+        f"Simulated: commit {sim_commit}, simulated GPUs (the paper's hardware per figure). "
+        f"This CPU: commit {cpu_commit}, the embedded SmolLM2-135M at small sizes (machine "
+        "below). Ratios are baseline time / Parrot time.",
+        "",
+        "| figure | what | paper (quoted) | ours, simulated | ours, this CPU |",
+        "|---|---|---|---|---|",
+    ]
+    for fig, ours, paper in figure_headlines(docs):
+        if fig.headline is None:
+            continue
+        series = fig.series[fig.headline[0]]
+        x = fig.xs[fig.headline[1]]
+        what = series.label + (f" at {x:g} {fig.xlabel}" if fig.xlabel != "-" else "")
+        e = _cpu_entry(fig.figure)
+        cpu = "-"
+        if e is not None and e.name in bodies:
+            ratio = _ratio(bodies[e.name], e.kind, e.metric, e.baseline)
+            cpu = f"{_cell(ratio, '{:.2f}x')} vs {e.baseline} ([{e.name}](#{e.name}), this CPU)"
+        out.append(
+            f"| [{fig.figure}](#fig-{fig.figure}) | {fig.title}: {what} | {paper} | "
+            f"{ours} (simulated {fig.hardware}) | {cpu} |"
+        )
+    return out
+
+
 def render(docs: Path) -> str:
     """results.md from the JSONs under docs/results/."""
     bodies: dict[str, dict] = {}
@@ -270,7 +323,10 @@ def render(docs: Path) -> str:
         if path.exists():
             bodies[e.name] = json.loads(path.read_text())
     machine = next((b["machine"] for b in bodies.values()), "-")
-    out = [PREAMBLE.format(machine=machine), "", "## Summary", ""]
+    commit = next((b.get("commit", "-") for b in bodies.values()), "-")
+    out = [TOP, ""] + _overview(docs, bodies) + [""]
+    out += render_section(docs, CALIBRATION) + [""]
+    out += [PREAMBLE.format(machine=machine, commit=commit), "", "### Summary (this CPU)", ""]
     out += [
         "| figure | entry | sizes (flags) | paper | ours | target | met |",
         "|---|---|---|---|---|---|---|",
@@ -292,7 +348,7 @@ def render(docs: Path) -> str:
         b = bodies.get(e.name)
         out += [
             "",
-            f"## {e.name}",
+            f"### {e.name}",
             "",
             f"{e.figure}, scenario `{e.scenario}`. Command: "
             f"`python -m scenarios bench {e.scenario} {' '.join(e.flags)}`",

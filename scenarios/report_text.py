@@ -3,17 +3,41 @@ it is, read from the profile tables that `report.render` generates beside them).
 
 from __future__ import annotations
 
-PREAMBLE = """# Scenario results: the paper's workloads, Parrot vs the request-level baseline
+TOP = """# Results: the paper's workloads, Parrot vs the request-level baseline
 
-Regenerate everything on this page (about 25 minutes on a 2-core CPU) with:
+Every figure of the Parrot paper (OSDI 2024, §8) twice: **simulated** at the paper's own shape
+(its GPUs, models, sizes, baselines and network, in simulated time: the real service, scheduler
+and engine core over simulated engines whose steps last what `engines/step_time.py` predicts),
+and **real on this CPU** with the embedded model at sizes a 2-core CPU finishes in minutes. The
+paper's numbers are quoted from `../shared/paper_figures.md` (collected from the authors'
+repository), the file the report reads them from. Regenerate everything with:
 
 ```bash
-.venv/bin/python -m scenarios report            # or: --only multi-agent shared-prompt
+.venv/bin/python -m scenarios report              # both parts (~15 min simulated + ~25 min real)
+.venv/bin/python -m scenarios report --part sim   # the simulated figures only (any machine)
+.venv/bin/python -m scenarios report --only fig16 chain   # named figures / entries
+```
+"""
+
+CALIBRATION = """How far to trust the simulated figures: the step-time model's error against
+measured steps is 15.4% median (35.1% p90) on held-out steps of this CPU's real engine (commit
+cc1eb6a, [benchmarks.md](benchmarks.md)); on GPUs it has not been measured (no GPU was lent to this
+project yet: `scripts/gpu_check.sh` is ready). Against the paper's measured vLLM numbers it is
+off by -62% to +68% at the paper's settings ([sim_validation.md](sim_validation.md)); the "ours
+vs paper" rows below show the same per point. So read the simulated figures for direction and
+rough size, and the baseline rows' error as the model's error at that shape."""
+
+PREAMBLE = """## Real on this CPU
+
+Regenerate this part (about 25 minutes on a 2-core CPU, alone) with:
+
+```bash
+.venv/bin/python -m scenarios report --part real   # or: --only multi-agent shared-prompt
 ```
 
-Machine: {machine}. Model: SmolLM2-135M-Instruct (the embedded default), float32, torch
-attention backend, one engine per service unless noted. Both modes run in one process, each
-against its own fresh in-process service on 127.0.0.1 over the same model:
+Machine: {machine}; commit {commit}. Model: SmolLM2-135M-Instruct (the embedded default),
+float32, torch attention backend, one engine per service unless noted. Both modes run in one
+process, each against its own fresh in-process service on 127.0.0.1 over the same model:
 
 - **parrot**: `pa.SchedulerConfig()` (application-centric policy, prefix sharing, automatic
   prefix caching); the app uses `pa.Runtime.connect(url)`, submits its whole graph, and pays

@@ -5,13 +5,16 @@ Parrot sees the system prompt as the constant text before the query variable: it
 and forks it for every user (cascade decode reads it once per batch). The baseline sends each
 user's whole prompt to the OpenAI-compatible endpoint (`--baseline-apc` lets its engine reuse
 cached prefix blocks, vLLM-style; off by default: the baseline without sharing). Users arrive
-together (`--rate 0`: a batch of `--batch` queries, Fig. 14) or as a Poisson process.
+together (`--rate 0`: a batch of `--batch` queries, Fig. 14) or as a Poisson process. Fig. 14's
+shape: 64 users behind 5,107 shared tokens with answers of 183-800 tokens (`--output-range 183
+800`), the engine's batch (`--max-running`) 8-64.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 
 import parrot_actors as pa
 from scenarios import workloads
@@ -31,6 +34,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-tokens", type=int, default=600, help="system prompt tokens")
     p.add_argument("--query-tokens", type=int, default=32, help="tokens per user query (max)")
     p.add_argument("--output-tokens", type=int, default=24, help="answer tokens")
+    p.add_argument(
+        "--output-range",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="answer tokens drawn per user, uniform in [LO, HI] (seeded; Fig. 14: 183 800)",
+    )
     p.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: a batch)")
 
 
@@ -71,15 +81,27 @@ async def one_request(
     ctx.finish(app, kind, arrival, [text], 1)
 
 
+def output_lengths(args: argparse.Namespace, seed: int) -> list[int]:
+    """Each user's answer tokens: `--output-tokens`, or uniform draws in `--output-range`
+    (seeded, the same in both modes). Raises `ValueError` for an empty or negative range."""
+    if not args.output_range:
+        return [args.output_tokens] * args.batch
+    lo, hi = args.output_range
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--output-range {lo} {hi}: needs 1 <= LO <= HI")
+    rng = random.Random(seed)
+    return [rng.randint(lo, hi) for _ in range(args.batch)]
+
+
 async def _run(ctx: RunContext, args: argparse.Namespace) -> None:
-    fn = assistant_function("assistant", args.output_tokens)
     system = workloads.fit(ctx.tokenizer, workloads.system_prompt(), args.system_tokens)
     queries = user_queries(ctx, args.batch, args.query_tokens)
     times = workloads.poisson_arrivals(args.rate, args.batch, ctx.seed)
+    fns = [assistant_function("assistant", n) for n in output_lengths(args, ctx.seed)]
     await asyncio.gather(
         *(
             one_request(ctx, fn, system, q, i, t, "user")
-            for i, (q, t) in enumerate(zip(queries, times))
+            for i, (fn, q, t) in enumerate(zip(fns, queries, times))
         )
     )
 

@@ -20,6 +20,7 @@ def test_allocate_and_free_counts():
     assert pool.refcount(0) == 1
     assert pool.decref([0, 2]) == [0, 2]
     assert pool.num_used == 0
+    assert pool.peak_used == 3  # the high-water mark outlives the frees
     with pytest.raises(ValueError):
         pool.decref([0])
 

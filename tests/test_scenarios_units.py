@@ -12,6 +12,7 @@ from parrot_actors import data
 from parrot_actors.scheduler.executor import first_segment
 from scenarios import SCENARIO_NAMES, workloads
 from scenarios.cli import main
+from scenarios.context import paper_rtt
 from scenarios.functions import make_function, render
 from scenarios.metrics import compare_outputs, percentile, speedups, summarize
 from scenarios.records import AppRecord, CallRecord, ModeResult, TokenStats
@@ -24,6 +25,16 @@ def test_poisson_arrivals_are_seeded_increasing_and_at_the_rate():
     assert all(x < y for x, y in zip(a, a[1:]))
     assert a[-1] / len(a) == pytest.approx(0.5, rel=0.05)  # mean gap 1/rate
     assert workloads.poisson_arrivals(0.0, 3, seed=1) == [0.0, 0.0, 0.0]
+
+
+def test_paper_rtt_has_the_published_range_and_mean_and_is_seeded():
+    import random
+
+    rng = random.Random(0)
+    assert [round(paper_rtt(rng), 6) for _ in range(3)] == [0.247969, 0.226949, 0.262679]
+    xs = [paper_rtt(rng) for _ in range(20000)]
+    assert 0.218 <= min(xs) and max(xs) <= 0.345
+    assert abs(sum(xs) / len(xs) - 0.244) < 0.001  # the published mean, 244 ms
 
 
 def test_percentile_interpolates_like_numpy():

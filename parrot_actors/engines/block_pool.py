@@ -41,6 +41,8 @@ class BlockPool:
         self._key_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
         self._tokens_of: dict[int, tuple[int, ...]] = {}
+        self.peak_used = 0
+        """The most blocks with refcount > 0 at once since the pool was made."""
 
     @property
     def num_free(self) -> int:
@@ -75,6 +77,7 @@ class BlockPool:
         if self._refcount[b] == 0:
             del self._cached_free[b]
         self._refcount[b] += 1
+        self.peak_used = max(self.peak_used, self.num_used)
         return b
 
     def refcount(self, block_id: int) -> int:
@@ -96,6 +99,7 @@ class BlockPool:
                 ids.append(b)
         for b in ids:
             self._refcount[b] = 1
+        self.peak_used = max(self.peak_used, self.num_used)
         return ids
 
     def incref(self, block_ids: list[int]) -> None:

@@ -836,6 +836,7 @@ class EngineCore:
         keep = ("prefill_tokens", "reused_tokens", "generated_tokens", "preemptions", "evictions")
         for f in (*keep, "steps"):
             setattr(core.stats, f, getattr(self.stats, f))
+        core.stats.kv_blocks_peak = max(self.stats.kv_blocks_peak, self.pool.peak_used)
         core.batch_sizes = self.batch_sizes
         core.step_fit = self.step_fit
         return core
@@ -850,6 +851,7 @@ class EngineCore:
         """Current counters (a copy)."""
         s = self.stats
         s.kv_blocks_used = self.pool.num_used
+        s.kv_blocks_peak = max(s.kv_blocks_peak, self.pool.peak_used)
         s.kv_cached_blocks = self.pool.num_cached_free
         s.running = len(self.running)
         s.waiting = len(self.waiting)

@@ -43,6 +43,14 @@ def snake_game(task: str = "a snake game") -> tuple[pa.Variable, pa.Variable]:
     return code, test
 
 
+async def snake_game_request_level(task: str = "a snake game") -> tuple[str, str]:
+    """WriteSnakeGame the request-level way (the baseline's client): send `write_code`, wait
+    for its text, then send `write_test` with that text. Returns (code, test)."""
+    code = str(await write_code(task).get(perf=pa.LATENCY))
+    test = str(await write_test(task, code).get(perf=pa.LATENCY))
+    return code, test
+
+
 @pa.semantic_function(max_tokens=48)
 def summarize_chunk(chunk: pa.Input, summary: pa.Output) -> None:
     """Summarize the following text in two sentences.
@@ -89,6 +97,16 @@ def map_reduce_summary(chunks: list[str]) -> tuple[list[pa.Variable], pa.Variabl
     final = make_reduce(len(maps))(*maps)
     assert isinstance(final, pa.Variable)  # one output: one Variable (several give a tuple)
     return maps, final
+
+
+async def map_reduce_request_level(chunks: list[str]) -> tuple[list[str], str]:
+    """The map-reduce summary the request-level way (the baseline's client, as in
+    docs/design.md): send one map, wait for its text, send the next, then the reduce over the
+    texts. Returns (summaries, final)."""
+    summaries = [str(await summarize_chunk(c).get(perf=pa.LATENCY)) for c in chunks]
+    final = make_reduce(len(summaries))(*summaries)
+    assert isinstance(final, pa.Variable)
+    return summaries, str(await final.get(perf=pa.LATENCY))
 
 
 def demo_document(path: str | None = None) -> tuple[str, str]:

@@ -3,7 +3,9 @@ embedded and through `--url`."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from parrot_actors import cli
+from parrot_actors import demo_compare as dc
+from parrot_actors.messages import EngineStats
+from parrot_actors.runtime import RuntimeStats
+from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +136,90 @@ def test_sim_flags_make_simulated_engines():
     sim = configs[0].sim
     assert sim is not None
     assert (sim.gpu, sim.model, sim.tensor_parallel) == ("a100", "llama-3-8b", 2)
+
+
+def _totals(calls: int, prefill: int, reused: int, generated: int) -> RuntimeStats:
+    return RuntimeStats(
+        prefill_tokens=prefill,
+        reused_tokens=reused,
+        generated_tokens=generated,
+        calls_completed=calls,
+        calls_failed=0,
+        engines={},
+    )
+
+
+def test_run_numbers_are_differences_and_lines_show_them():
+    parrot = dc.run_numbers(_totals(2, 100, 0, 40), _totals(7, 1136, 412, 450), 2.5)
+    assert parrot == dc.RunNumbers(
+        seconds=2.5, calls=5, prefill_tokens=1036, reused_tokens=412, generated_tokens=410
+    )
+    baseline = dc.RunNumbers(
+        seconds=5.0, calls=5, prefill_tokens=1448, reused_tokens=0, generated_tokens=410
+    )
+    assert dc.speedup(parrot, baseline) == 2.0
+    assert dc.comparison_line("Map-reduce", parrot, baseline) == (
+        "Map-reduce: Parrot 2.50s (prefill 1036 computed / 412 reused) | request-level 5.00s "
+        "(prefill 1448 computed / 0 reused) | speedup 2.00x"
+    )
+    zero = dc.RunNumbers(
+        seconds=0.0, calls=0, prefill_tokens=0, reused_tokens=0, generated_tokens=0
+    )
+    assert dc.speedup(zero, baseline) is None
+    header, snake, summary = dc.comparison_lines(
+        [("Snake", zero, baseline), ("Map-reduce", parrot, baseline)]
+    )
+    assert header.startswith("Parrot vs request-level on the same engine (FCFS")
+    assert snake.startswith("  Snake:      Parrot 0.00s") and snake.endswith("speedup n/a")
+    assert summary.startswith("  Map-reduce: Parrot 2.50s")
+
+
+def test_engine_summary_is_one_readable_line():
+    stats = EngineStats(
+        name="engine0",
+        prefill_tokens=1036,
+        reused_tokens=412,
+        generated_tokens=310,
+        steps=57,
+        mean_batch_size=2.5,
+        kv_blocks_peak=12,
+        kv_blocks_total=512,
+    )
+    assert dc.engine_summary(stats, 3) == (
+        "engine0: 3 calls, prefill 1036 computed / 412 reused tokens, 310 generated, 57 steps "
+        "(mean batch 2.50), KV 12/512 blocks peak"
+    )
+    bad = EngineStats(name="e1", steps=1, preemptions=2, restarts=1, healthy=False, last_error="x")
+    assert dc.engine_summary(bad, 1) == (
+        "e1: 1 call, prefill 0 computed / 0 reused tokens, 0 generated, 1 steps "
+        "(mean batch 0.00), KV 0/0 blocks peak, 2 preemptions, 1 restarts, unhealthy (x)"
+    )
+
+
+LINE = re.compile(
+    r"  (WriteSnakeGame|Map-reduce summary): +Parrot (\d+\.\d\d)s "
+    r"\(prefill (\d+) computed / (\d+) reused\) \| request-level (\d+\.\d\d)s "
+    r"\(prefill (\d+) computed / (\d+) reused\) \| speedup (\d+\.\d\d)x"
+)
+
+
+async def test_demo_compares_with_the_request_level_run_on_a_tiny_model(capsys):
+    args = cli.build_parser().parse_args(
+        ["demo", "--random-model", json.dumps(TINY), "--chunks", "2", "--words", "20"]
+    )
+    await cli.demo(args)
+    lines = capsys.readouterr().out.splitlines()
+    rows = {m[1]: m for m in map(LINE.fullmatch, lines) if m}
+    assert set(rows) == {"WriteSnakeGame", "Map-reduce summary"}
+    for m in rows.values():
+        parrot_computed, baseline_computed = int(m[3]), int(m[6])
+        assert parrot_computed > 0 and baseline_computed > 0
+        assert int(m[7]) == 0  # the baseline forks nothing and the engine caches no blocks
+    summaries = [x for x in lines if x.startswith("  engine0: ")]  # 2 + 2 maps + 1 reduce
+    assert len(summaries) == 1
+    assert re.fullmatch(
+        r"  engine0: 5 calls, prefill \d+ computed / \d+ reused tokens, \d+ generated, "
+        r"\d+ steps \(mean batch \d+\.\d\d\), KV \d+/\d+ blocks peak",
+        summaries[0],
+    ), summaries[0]
+    assert not any("EngineStats(" in x for x in lines)

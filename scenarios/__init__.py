@@ -20,9 +20,10 @@ SCENARIO_NAMES = (
     "mixed",
     "agent_sessions",
     "langchain_apps",
+    "agent_trace",
 )
 """Scenario names, in the order of the paper's figures (Fig. 11-18), then agent sessions over
-the OpenAI API and the LangChain apps (beyond the paper)."""
+the OpenAI API, the LangChain apps and the agentic trace replay (beyond the paper)."""
 
 
 def load(name: str) -> ModuleType:

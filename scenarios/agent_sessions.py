@@ -144,26 +144,30 @@ def _plan(args: argparse.Namespace, seed: int) -> list[tuple[list[float], list[i
     return plans
 
 
-async def _turn(
-    ctx: RunContext, messages: list[dict], args: argparse.Namespace, session: str, app: int
+async def chat_turn(
+    ctx: RunContext, messages: list[dict], max_tokens: int, session: str, retain_s: float, app: int
 ) -> str:
-    """One chat request of a session (greedy), recorded as a call; returns the answer."""
-    hints = {"parrot": {"session": session, "retain_s": args.retain_s}} if ctx.parrot else None
+    """One greedy chat request of agent `session` after a network round trip, recorded as
+    call "turn" of app `app`; Parrot mode names the session and keeps its context `retain_s`
+    seconds. Returns the answer. Raises the `openai` client's errors."""
+    hints = {"parrot": {"session": session, "retain_s": retain_s}} if ctx.parrot else None
     await ctx.network()
     start = ctx.now()
     got = await ctx.openai.chat.completions.create(
         model=ctx.model,
         messages=messages,
-        max_tokens=args.answer_tokens,
+        max_tokens=max_tokens,
         temperature=0,
         extra_body=hints,
     )
-    _record(ctx, "turn", app, start, got.usage)
+    record_call(ctx, "turn", app, start, got.usage)
     return got.choices[0].message.content or ""
 
 
-def _record(ctx: RunContext, name: str, app: int, start: float, usage: object) -> None:
-    """The baseline's call record, timed by the client (Parrot's come from the service)."""
+def record_call(ctx: RunContext, name: str, app: int, start: float, usage: object) -> None:
+    """Append the baseline's record of call `name` of app `app`, sent at `start` (seconds since
+    the run began) with OpenAI `usage` (prompt and completion tokens), timed by the client;
+    Parrot's records come from the service, so nothing is recorded in Parrot mode."""
     if not ctx.parrot:
         ctx.calls.append(
             CallRecord(
@@ -193,7 +197,9 @@ async def _session(
     ]
     offset = 0
     for turn in range(len(waits) + 1):
-        answer = await _turn(ctx, messages, args, f"agent-{app}", app)
+        answer = await chat_turn(
+            ctx, messages, args.answer_tokens, f"agent-{app}", args.retain_s, app
+        )
         ctx.keep(f"session{app}/turn{turn}", answer)
         messages.append({"role": "assistant", "content": answer})
         if turn == len(waits):
@@ -236,7 +242,7 @@ async def _oneshots(
         ctx.extra["oneshot_prompt_tokens"] = (
             ctx.extra.get("oneshot_prompt_tokens", 0) + got.usage.prompt_tokens
         )
-        _record(ctx, "oneshot", app, start, got.usage)
+        record_call(ctx, "oneshot", app, start, got.usage)
         ctx.finish(app, "background", start, [got.choices[0].text], 1, progress=False)
         await count.finished_one()
         i += 1

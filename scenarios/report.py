@@ -167,8 +167,49 @@ ENTRIES = (
             ("map-reduce", "mean_s", "baseline-throughput"),
         ),
     ),
+    Entry(
+        "agent-trace",
+        "agent_trace",
+        "agents",
+        (
+            "--sessions",
+            "3",
+            "--session-rate",
+            "0.5",
+            "--turns-median",
+            "8",
+            "--turns-range",
+            "4",
+            "12",
+            "--system-tokens",
+            "300",
+            "--task-tokens",
+            "64",
+            "--tool-tokens",
+            "16",
+            "128",
+            "--output-tokens",
+            "8",
+            "32",
+            "--tool-gap",
+            "0.5",
+            "5",
+            "--subagent-share",
+            "0.34",
+            "--subagents",
+            "2",
+            "2",
+            "--subagent-turns",
+            "2",
+            "4",
+        ),  # fmt: skip
+        "- (beyond the paper)",
+        "session",
+        "mean_s",
+        "baseline",
+    ),
 )
-"""The measured set, in the order of the paper's figures."""
+"""The measured set, in the order of the paper's figures, then the agentic trace."""
 
 
 def run_report(docs: Path, only: list[str] | None = None, part: str = "all") -> int:
@@ -177,8 +218,7 @@ def run_report(docs: Path, only: list[str] | None = None, part: str = "all") -> 
     process (a fresh interpreter per entry keeps one entry's memory from the next), then
     rewrite docs/results.md from every JSON present. Returns 0, 2 for an unknown name, or
     the exit status of the first run that failed."""
-    from scenarios.report_sim import run_figures
-    from scenarios.report_sim_figures import FIGURES
+    from scenarios.report_sim import FIGURES, run_figures
 
     names = {e.name for e in ENTRIES} | {f.name for f in FIGURES}
     unknown = sorted(set(only or ()) - names)
@@ -201,6 +241,8 @@ def run_report(docs: Path, only: list[str] | None = None, part: str = "all") -> 
             return status
     (docs / "results.md").write_text(render(docs))
     print(f"wrote {docs / 'results.md'}")
+    if update_readme(docs.resolve().parent / "README.md", docs):
+        print("updated README.md's headline table")
     return 0
 
 
@@ -273,20 +315,31 @@ def replot(docs: Path) -> None:
             plot(path.with_suffix(".png"), title, results)
 
 
-def _cpu_entry(figure: str) -> Entry | None:
-    """This CPU's entry for a paper figure id ("11a" -> the "Fig. 11" entry)."""
-    for name in (f"Fig. {figure}", f"Fig. {figure.rstrip('ab')}"):
+def _cpu_entry(figure: str, name: str = "") -> Entry | None:
+    """This CPU's entry for a paper figure id ("11a" -> the "Fig. 11" entry), or the entry
+    named like the simulated figure `name` (the workloads beyond the paper)."""
+    for e in ENTRIES:
+        if e.name == name:
+            return e
+    for fig in (f"Fig. {figure}", f"Fig. {figure.rstrip('ab')}"):
         for e in ENTRIES:
-            if e.figure == name:
+            if e.figure == fig:
                 return e
     return None
 
 
-def _overview(docs: Path, bodies: dict[str, dict]) -> list[str]:
+def _commits(bodies: dict[str, dict]) -> str:
+    """The commits the entries' JSONs name (runs before 951e94e recorded none)."""
+    found = sorted({b.get("commit", "-") for b in bodies.values()} or {"-"})
+    return ", ".join("unrecorded (older runs)" if c == "-" else c for c in found)
+
+
+def _overview(docs: Path, bodies: dict[str, dict], link: str = "") -> list[str]:
     """Every figure in one table: the paper's number (quoted), ours simulated at its shape,
-    ours real on this CPU at a small shape, each naming where it ran."""
+    ours real on this CPU at a small shape, each naming where it ran. `link` prefixes the
+    anchors (README links into docs/results.md)."""
     sim_commit, _ = sim_meta(docs)
-    cpu_commit = next((b.get("commit", "-") for b in bodies.values()), "-")
+    cpu_commit = _commits(bodies)
     out = [
         "## Every figure: the paper, simulated at its shape, real on this CPU",
         "",
@@ -303,27 +356,56 @@ def _overview(docs: Path, bodies: dict[str, dict]) -> list[str]:
         series = fig.series[fig.headline[0]]
         x = fig.xs[fig.headline[1]]
         what = series.label + (f" at {x:g} {fig.xlabel}" if fig.xlabel != "-" else "")
-        e = _cpu_entry(fig.figure)
+        e = _cpu_entry(fig.figure, fig.name)
         cpu = "-"
         if e is not None and e.name in bodies:
             ratio = _ratio(bodies[e.name], e.kind, e.metric, e.baseline)
-            cpu = f"{_cell(ratio, '{:.2f}x')} vs {e.baseline} ([{e.name}](#{e.name}), this CPU)"
+            cpu = (
+                f"{_cell(ratio, '{:.2f}x')} vs {e.baseline} ([{e.name}]({link}#{e.name}), this CPU)"
+            )
         out.append(
-            f"| [{fig.figure}](#fig-{fig.figure}) | {fig.title}: {what} | {paper} | "
+            f"| [{fig.figure}]({link}#fig-{fig.name}) | {fig.title}: {what} | {paper} | "
             f"{ours} (simulated {fig.hardware}) | {cpu} |"
         )
     return out
 
 
-def render(docs: Path) -> str:
-    """results.md from the JSONs under docs/results/."""
+def _bodies(docs: Path) -> dict[str, dict]:
     bodies: dict[str, dict] = {}
     for e in ENTRIES:
         path = docs / "results" / e.name / f"{e.scenario}.json"
         if path.exists():
             bodies[e.name] = json.loads(path.read_text())
+    return bodies
+
+
+HEADLINE = ("<!-- headline: generated by `python -m scenarios report` -->", "<!-- /headline -->")
+
+
+def update_readme(readme: Path, docs: Path) -> bool:
+    """Replace the README's headline table (between the `HEADLINE` markers) with the report's
+    overview, linking into docs/results.md. Returns False (README untouched) without both
+    markers."""
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    start, end = HEADLINE
+    if start not in text or end not in text:
+        return False
+    machine = next((b["machine"] for b in _bodies(docs).values()), "-")
+    table = _overview(docs, _bodies(docs), "docs/results.md")[2:]
+    table[0] = table[0].replace("(machine below)", f"(this CPU: {machine})")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(head + start + "\n" + "\n".join(table) + "\n" + end + tail)
+    return True
+
+
+def render(docs: Path) -> str:
+    """results.md from the JSONs under docs/results/."""
+    bodies = _bodies(docs)
     machine = next((b["machine"] for b in bodies.values()), "-")
-    commit = next((b.get("commit", "-") for b in bodies.values()), "-")
+    commit = _commits(bodies)
     out = [TOP, ""] + _overview(docs, bodies) + [""]
     out += render_section(docs, CALIBRATION) + [""]
     out += [PREAMBLE.format(machine=machine, commit=commit), "", "### Summary (this CPU)", ""]

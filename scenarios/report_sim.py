@@ -24,7 +24,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from scenarios.report_sim_figures import FIGURES, SHARED, SimFigure
+from scenarios.report_sim_beyond import BEYOND_FIGURES
+from scenarios.report_sim_figures import PAPER_FIGURES, SHARED, SimFigure
+
+FIGURES = (*PAPER_FIGURES, *BEYOND_FIGURES)
+"""Every simulated figure: the paper's, in its order, then the workloads beyond it."""
 
 Bodies = dict[str, dict]
 """One point's bench JSON bodies by run variant."""
@@ -197,7 +201,8 @@ def render_figure(fig: SimFigure, docs: Path, quotes: dict[str, list[str]]) -> l
     the relative difference, the sustainable rates (Fig. 16), the plot, and why they differ."""
     points = load_points(docs, fig)
     table = values(fig, points)
-    out = [f'<a id="fig-{fig.figure}"></a>', "", f"### Fig. {fig.figure}: {fig.title} (simulated)"]
+    name = f"Fig. {fig.figure}" if fig.figure[0].isdigit() else f"Beyond the paper, {fig.figure}"
+    out = [f'<a id="fig-{fig.name}"></a>', "", f"### {name}: {fig.title} (simulated)"]
     out += ["", f"Hardware: simulated {fig.hardware}. Setting: {fig.setting}.", ""]
     q = quotes.get(fig.figure)
     if q:
@@ -220,11 +225,16 @@ def render_figure(fig: SimFigure, docs: Path, quotes: dict[str, list[str]]) -> l
         )
         if cmd is not None and cmd.exists():
             out += [f"One point's command: `{cmd.read_text().strip()}`.", ""]
-        out += [f"![Fig. {fig.figure}](results/sim/{fig.name}.png)", ""]
+        out += [f"![{name}](results/sim/{fig.name}.png)", ""]
     else:
         out += ["Not run yet.", ""]
     if fig.why:
-        out += [f"Why ours and the paper's differ: {fig.why}", ""]
+        why = (
+            "Why ours and the paper's differ"
+            if fig.figure[0].isdigit()
+            else "What limits Parrot here"
+        )
+        out += [f"{why}: {fig.why}", ""]
     return out
 
 
@@ -260,7 +270,7 @@ def plot(fig: SimFigure, docs: Path) -> None:
         ax.set_ylabel(panel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    f.suptitle(f"Fig. {fig.figure}: {fig.title} — {fig.hardware} (simulated)", fontsize=9)
+    f.suptitle(f"{fig.figure}: {fig.title} — {fig.hardware} (simulated)", fontsize=9)
     f.tight_layout()
     path = docs / "results" / "sim" / f"{fig.name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,12 @@ EXPECTED_KEYS = {
     ],
     "mixed": ["chat/0", "chat/1", "job0/map0", "job0/map1", "job0/reduce"],
     "agent_sessions": ["session0/turn0", "session0/turn1", "session1/turn0", "session1/turn1"],
+    "agent_trace": [
+        f"agent-{i}{sub}/turn{k}"
+        for i in (0, 1)
+        for sub, turns in (("", 3), ("/sub-0", 2), ("/sub-1", 2))
+        for k in range(turns)
+    ],
 }
 
 # Round trips each mode pays (the background stream of chain_summary adds a variable number).
@@ -37,6 +43,7 @@ ROUND_TRIPS = {
     "gpts": {"parrot": 4, "baseline": 4},
     "multi_agent": {"parrot": 1, "baseline-latency": 6},
     "mixed": {"parrot": 3, "baseline-latency": 5, "baseline-throughput": 5},
+    "agent_trace": {"parrot": 14, "baseline": 14},  # agents pay a trip per request either way
 }
 
 
@@ -68,10 +75,10 @@ def test_both_modes_complete_and_identical(name, tmp_path):
     assert compared == len(results[0].outputs) and differ == []
     if name in ROUND_TRIPS:
         assert {r.label: r.round_trips for r in results} == ROUND_TRIPS[name]
-    # The baseline never forks a prefix (nor caches one, but for agent sessions, whose
-    # baseline is vLLM's with automatic prefix caching); its calls are timed on the client.
+    # The baseline never forks a prefix (nor caches one, but for the agent scenarios, whose
+    # baselines are vLLM's with automatic prefix caching); its calls are timed on the client.
     for r in results[1:]:
-        assert (r.tokens.reused_tokens == 0) == (name != "agent_sessions")
+        assert (r.tokens.reused_tokens == 0) == (name not in ("agent_sessions", "agent_trace"))
         if name == "chain_summary":  # a background request cut off at the end paid its trip
             assert 0 <= r.round_trips - len(r.calls) <= 1
         else:

@@ -136,3 +136,25 @@ def test_cli_lists_scenarios_and_rejects_unknown(capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", "no_such_scenario"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "flags, parrot, baseline",
+    [
+        (["--sim", "a100"], True, False),  # a simulated baseline is the paper's vLLM
+        (["--sim", "a100", "--baseline-cascade"], True, True),
+        (["--sim", "a100", "--no-cascade"], False, False),
+        (["--sim", "cpu-fitted"], True, True),  # stands for our own CPU engine
+        (["--tiny"], True, True),  # real engines keep their kernel in both modes
+    ],
+)
+def test_baseline_engines_decode_shared_blocks_with_the_kernel_the_baseline_had(
+    flags, parrot, baseline
+):
+    from scenarios.cli import parser
+    from scenarios.harness import mode_specs
+
+    args = parser().parse_args(["bench", "shared_prompt", *flags])
+    specs = mode_specs(args, ["same", "latency"])
+    assert [s.label for s in specs] == ["parrot", "baseline", "baseline-latency"]
+    assert [e.cascade for s in specs for e in s.engines] == [parrot, baseline, baseline]

@@ -289,6 +289,8 @@ class _Texts:
         ]
 
     def text(self, key: int, tokens: int) -> str:
+        """About `tokens` tokens of article `key % 10` from an offset drawn from `key` (decoded
+        ids: re-encoding may differ by a token or two at the edges)."""
         ids = self.ids[key % len(self.ids)]
         start = (key * 7919) % max(1, len(ids) - tokens)
         while len(ids) < start + tokens:

@@ -106,3 +106,24 @@ def test_replay_in_simulated_time_from_the_generator_and_from_its_file(tmp_path)
         assert a.round_trips == 14 and a.extra["trace_sub_agents"] == 4.0
         kinds = sorted(x.kind for x in a.apps)
         assert kinds == ["session"] * 2 + ["sub-agent"] * 4
+
+
+def test_a_turn_without_retained_context_reuses_the_cache_like_the_baseline(tmp_path):
+    # Regression: Parrot forked the shared system prompt at a point inside a KV block, and
+    # automatic prefix caching cannot continue after a private partial block, so every turn
+    # whose retained context was gone (here: none kept) recomputed the whole conversation.
+    from parrot_actors.engines.step_time import locate_profiles
+    from parrot_actors.errors import InvalidRequestError
+    from scenarios.cli import bench, parser
+
+    try:
+        locate_profiles()
+    except InvalidRequestError:
+        pytest.skip("no GPU profiles (../shared/data/gpu_profiles)")
+    argv = ["bench", "agent_trace", "--sim", "a100", "--sim-model", "llama-3-8b", "--rtt", "0.1"]
+    argv += ["--sessions", "2", "--session-rate", "0.5", "--turns-median", "3"]
+    argv += ["--turns-range", "3", "3", "--tool-gap", "0.5", "1", "--subagent-share", "0"]
+    argv += ["--retain-s", "0", "--no-progress", "--out", str(tmp_path)]
+    parrot, baseline = bench(parser().parse_args(argv), argv)[0]
+    assert parrot.tokens.generated_tokens == baseline.tokens.generated_tokens > 0
+    assert parrot.tokens.prefill_tokens == baseline.tokens.prefill_tokens

@@ -152,8 +152,8 @@ class PrefixSharing:
         ad_hoc: tuple[str, tuple[int, ...]] | None,
     ) -> PrefixEntry | None:
         """The prefix context `call` (token ids `ids`) forks on `engine_name`, created (and
-        its fill started) if needed; None when nothing worth sharing (a block of tokens)
-        applies."""
+        its fill started) if needed, its tokens cut to whole KV blocks; None when nothing
+        worth sharing (a block of tokens) applies."""
         engine = self.engines[engine_name]
         bs = engine.stats().block_size
         static, dynamic = prefix_hash(call)
@@ -173,6 +173,10 @@ class PrefixSharing:
             if entry is None:
                 if tokens is None:
                     tokens = tuple(engine.tokenize(text or "", first=True)[:-1])
+                # Whole blocks only: a fork that ends inside a block leaves the child a
+                # private partial block, and automatic prefix caching then cannot take the
+                # cached blocks after it (a session turn recomputed its whole history).
+                tokens = tokens[: len(tokens) // bs * bs]
                 if len(tokens) < bs or len(tokens) >= len(ids):
                     continue
                 self._track_token_key(call, key)

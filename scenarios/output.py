@@ -31,7 +31,8 @@ _ROWS = [
 
 def commit() -> str:
     """The repository's commit (short hash, "+dirty" with uncommitted changes to tracked
-    files), or "unknown" outside a git checkout."""
+    files other than the report's own outputs, README.md and docs/, which a report rewrites
+    while it runs), or "unknown" outside a git checkout."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -44,7 +45,8 @@ def commit() -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--"]
+            + [".", ":(exclude)docs", ":(exclude)README.md"],
             capture_output=True,
             text=True,
             timeout=10,

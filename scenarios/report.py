@@ -171,38 +171,11 @@ ENTRIES = (
         "agent-trace",
         "agent_trace",
         "agents",
-        (
-            "--sessions",
-            "3",
-            "--session-rate",
-            "0.5",
-            "--turns-median",
-            "8",
-            "--turns-range",
-            "4",
-            "12",
-            "--system-tokens",
-            "300",
-            "--task-tokens",
-            "64",
-            "--tool-tokens",
-            "16",
-            "128",
-            "--output-tokens",
-            "8",
-            "32",
-            "--tool-gap",
-            "0.5",
-            "5",
-            "--subagent-share",
-            "0.34",
-            "--subagents",
-            "2",
-            "2",
-            "--subagent-turns",
-            "2",
-            "4",
-        ),  # fmt: skip
+        tuple(
+            "--sessions 3 --session-rate 0.5 --turns-median 8 --turns-range 4 12 "
+            "--system-tokens 300 --task-tokens 64 --tool-tokens 16 128 --output-tokens 8 32 "
+            "--tool-gap 0.5 5 --subagent-share 0.34 --subagents 2 2 --subagent-turns 2 4".split()
+        ),
         "- (beyond the paper)",
         "session",
         "mean_s",
@@ -334,18 +307,20 @@ def _commits(bodies: dict[str, dict]) -> str:
     return ", ".join("unrecorded (older runs)" if c == "-" else c for c in found)
 
 
-def _overview(docs: Path, bodies: dict[str, dict], link: str = "") -> list[str]:
+def _overview(docs: Path, bodies: dict[str, dict], link: str = "", machine: str = "") -> list[str]:
     """Every figure in one table: the paper's number (quoted), ours simulated at its shape,
     ours real on this CPU at a small shape, each naming where it ran. `link` prefixes the
-    anchors (README links into docs/results.md)."""
+    anchors (README links into docs/results.md); `machine` names this CPU in the table's
+    preamble (else it points to the machine named below it)."""
     sim_commit, _ = sim_meta(docs)
     cpu_commit = _commits(bodies)
+    where = f"this CPU: {machine}" if machine else "machine below"
     out = [
         "## Every figure: the paper, simulated at its shape, real on this CPU",
         "",
         f"Simulated: commit {sim_commit}, simulated GPUs (the paper's hardware per figure). "
-        f"This CPU: commit {cpu_commit}, the embedded SmolLM2-135M at small sizes (machine "
-        "below). Ratios are baseline time / Parrot time.",
+        f"This CPU: commit {cpu_commit}, the embedded SmolLM2-135M at small sizes "
+        f"({where}). Ratios are baseline time / Parrot time.",
         "",
         "| figure | what | paper (quoted) | ours, simulated | ours, this CPU |",
         "|---|---|---|---|---|",
@@ -392,9 +367,9 @@ def update_readme(readme: Path, docs: Path) -> bool:
     start, end = HEADLINE
     if start not in text or end not in text:
         return False
-    machine = next((b["machine"] for b in _bodies(docs).values()), "-")
-    table = _overview(docs, _bodies(docs), "docs/results.md")[2:]
-    table[0] = table[0].replace("(machine below)", f"(this CPU: {machine})")
+    bodies = _bodies(docs)
+    machine = next((b["machine"] for b in bodies.values()), "-")
+    table = _overview(docs, bodies, "docs/results.md", machine)[2:]
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
     readme.write_text(head + start + "\n" + "\n".join(table) + "\n" + end + tail)

@@ -201,7 +201,7 @@ def render_figure(fig: SimFigure, docs: Path, quotes: dict[str, list[str]]) -> l
     the relative difference, the sustainable rates (Fig. 16), the plot, and why they differ."""
     points = load_points(docs, fig)
     table = values(fig, points)
-    name = f"Fig. {fig.figure}" if fig.figure[0].isdigit() else f"Beyond the paper, {fig.figure}"
+    name = f"Fig. {fig.figure}" if fig.of_paper else f"Beyond the paper, {fig.figure}"
     out = [f'<a id="fig-{fig.name}"></a>', "", f"### {name}: {fig.title} (simulated)"]
     out += ["", f"Hardware: simulated {fig.hardware}. Setting: {fig.setting}.", ""]
     q = quotes.get(fig.figure)
@@ -229,11 +229,7 @@ def render_figure(fig: SimFigure, docs: Path, quotes: dict[str, list[str]]) -> l
     else:
         out += ["Not run yet.", ""]
     if fig.why:
-        why = (
-            "Why ours and the paper's differ"
-            if fig.figure[0].isdigit()
-            else "What limits Parrot here"
-        )
+        why = "Why ours and the paper's differ" if fig.of_paper else "What limits Parrot here"
         out += [f"{why}: {fig.why}", ""]
     return out
 

@@ -75,6 +75,11 @@ class SimFigure:
     why: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def of_paper(self) -> bool:
+        """A figure of the paper (its id a figure number), not a workload beyond it."""
+        return self.figure[0].isdigit()
+
 
 SHARED_READS = (
     "The step-time model charges vLLM's PagedAttention the full KV read of the shared prefix "

@@ -34,7 +34,7 @@ def test_paper_rows_are_quoted_verbatim_from_the_shared_file():
     rows = paper_rows()
     assert set(rows) == {"11a", "11b", "12a", "12b", "13a", "13b", "14", "15", "16", "17", "18"}
     assert rows["12a"][2] == "1.21/1.19/1.31/1.79/2.38x"
-    assert {f.figure for f in FIGURES if f.figure[0].isdigit()} <= set(rows)
+    assert {f.figure for f in FIGURES if f.of_paper} <= set(rows)
 
 
 @pytest.mark.parametrize("fig", FIGURES, ids=lambda f: f.name)

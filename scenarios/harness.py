@@ -162,7 +162,14 @@ def mode_specs(
     gets one mode per variant instead, each on a service of its mode and engine tuning.
     `--parrot-no-sharing`: Parrot's mode without forking shared prefixes (Fig. 17's "without
     sharing"); `--no-cascade`: engines without the shared-prefix decode kernel (Fig. 16's
-    "Parrot with PagedAttention only")."""
+    "Parrot with PagedAttention only"). Raises `ValueError` for `--baseline-url` with `--sim`
+    (a real server runs in real time), before any mode runs."""
+    external = getattr(args, "baseline_url", None)
+    if external and args.sim:  # refused before any mode runs
+        raise ValueError(
+            f"--baseline-url {external} is a real server and runs in real time; it cannot be "
+            f"the baseline of a simulated run (--sim {args.sim}): drop one of the two"
+        )
     sharing = not getattr(args, "parrot_no_sharing", False)
     parrot = pa.SchedulerConfig(
         throughput_cap=args.throughput_cap,
@@ -173,7 +180,6 @@ def mode_specs(
     base = pa.SchedulerConfig(
         policy="fcfs", prefix_sharing=False, automatic_prefix_caching=args.baseline_apc
     )
-    external = getattr(args, "baseline_url", None)
     if variants and external:  # one baseline client drives that server, tuned as its owner runs it
         first = next(v for v in variants if v[1] == "baseline")
         variants = [v for v in variants if v[1] == "parrot" or v == first]
@@ -210,14 +216,9 @@ def run_mode(
     """Run `scenario` once in `spec`'s mode (its own service unless `args.url`) and return
     what it measured. The baseline mode drives `args.baseline_url` instead when given (any
     OpenAI-compatible server: `peer`). Raises what the scenario raises (e.g. `pa.CallError`,
-    `openai` errors), `TimeoutError` when the run takes longer than `args.timeout` seconds,
-    and `ValueError` for `--baseline-url` with `--sim` (a real server runs in real time)."""
+    `openai` errors) and `TimeoutError` when the run takes longer than `args.timeout`
+    seconds."""
     external = getattr(args, "baseline_url", None) if spec.mode == "baseline" else None
-    if external and args.sim:
-        raise ValueError(
-            f"--baseline-url {external} is a real server and runs in real time; it cannot be "
-            f"the baseline of a simulated run (--sim {args.sim}): drop one of the two"
-        )
     if external or args.url:
         url = (external or args.url).rstrip("/")
         return asyncio.run(_drive(spec, scenario, args, url, None, progress))

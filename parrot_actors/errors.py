@@ -49,3 +49,14 @@ class CapacityError(EngineError):
 
 class SessionError(ParrotError):
     """A service session is unknown, expired, or over its limits."""
+
+
+class OverloadedError(ParrotError):
+    """The service would not serve this request within its bound: a latency request whose
+    predicted wait is over the tenant's `max_latency_wait_s`, or a tenant's throughput queue at
+    `max_queued_throughput` (HTTP 429). `retry_after_s`: when to try again (seconds, >= 1, from
+    the engines' step-time models)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1.0, float(retry_after_s))

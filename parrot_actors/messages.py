@@ -211,7 +211,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
     (block_size tokens each); kv_blocks_peak: the most blocks in use at once since the pool was
     made (Parrot Fig. 17 reports this). running / waiting: requests in the batch / queued. contexts:
     live contexts. mean_batch_size / max_batch_size: sequences per step over all steps so far.
-    max_model_len: the longest context the model holds (tokens).
+    max_model_len: the longest context the model holds (tokens). max_running: the most
+    sequences it batches in a step (0: not told).
     healthy: False while the engine's loop is down (between a failure and its rebuild).
     restarts: rebuilds after a failure of the loop. last_error: the latest such failure
     ("" if none). step_time: the engine's step-time model: for a real engine the least-squares
@@ -239,6 +240,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     mean_batch_size: float = 0.0
     max_batch_size: int = 0
     max_model_len: int = 0
+    max_running: int = 0
     healthy: bool = True
     restarts: int = 0
     last_error: str = ""

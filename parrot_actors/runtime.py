@@ -141,6 +141,11 @@ class Runtime(CurrentRuntime):
 
     # ---- the graph --------------------------------------------------------------------------
 
+    def admit(self, call: SemanticCall, tenant: str = "default") -> None:
+        """Check, before `submit`, that the service can take `call` for `tenant` within its
+        bounds (`Scheduler.admit`). Raises `OverloadedError` (HTTP 429) when it cannot."""
+        self._started().admit(call, tenant)
+
     def submit(self, call: SemanticCall) -> None:
         """Add a call to the graph; it runs once its inputs resolve and an output is wanted.
         Raises `CallError` for a cycle or an output that already has a producer or value."""

@@ -55,8 +55,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--latency-cap",
         type=int,
-        default=8,
-        help="Parrot: running latency calls per engine (Parrot §5.2 keeps latency batches small)",
+        default=None,
+        help="Parrot: at most this many running latency calls per engine (default: none, the "
+        "engine's batch; its step time bounds latency work)",
+    )
+    p.add_argument(
+        "--latency-tpot",
+        type=float,
+        default=None,
+        help="Parrot: an engine takes another latency call only while its predicted decode "
+        "step stays within this many seconds (default: no bound)",
     )
     p.add_argument(
         "--baseline-tuning",

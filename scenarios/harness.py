@@ -173,12 +173,17 @@ def mode_specs(
     sharing = not getattr(args, "parrot_no_sharing", False)
     parrot = pa.SchedulerConfig(
         throughput_cap=args.throughput_cap,
-        latency_cap=getattr(args, "latency_cap", 8),
+        latency_cap=getattr(args, "latency_cap", None),
+        latency_tpot_s=getattr(args, "latency_tpot", None),
         prefix_sharing=sharing,
         automatic_prefix_caching=None if sharing else False,  # no reuse of any kind
+        max_latency_wait_s=None,  # the figures measure queueing delay, as the paper's do
     )
     base = pa.SchedulerConfig(
-        policy="fcfs", prefix_sharing=False, automatic_prefix_caching=args.baseline_apc
+        policy="fcfs",
+        prefix_sharing=False,
+        automatic_prefix_caching=args.baseline_apc,
+        max_latency_wait_s=None,
     )
     if variants and external:  # one baseline client drives that server, tuned as its owner runs it
         first = next(v for v in variants if v[1] == "baseline")

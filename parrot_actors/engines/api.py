@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from parrot_actors.engines.step_time import StepPredictor
 from parrot_actors.engines.tool_format import hermes_messages, native_messages, renders_tools
 from parrot_actors.errors import InvalidRequestError
 from parrot_actors.messages import (
@@ -127,6 +128,11 @@ class EngineClient(Protocol):
 
     async def flush(self) -> None:
         """Wait until every operation sent so far has taken effect (frees included)."""
+        ...
+
+    def step_model(self) -> StepPredictor | None:
+        """The model that prices this engine's steps (seconds; `step_time.StepPredictor`), or
+        None while it has none (the scheduler then prices tokens at `NOMINAL_TOKEN_S`)."""
         ...
 
     def stats(self) -> EngineStats:

@@ -33,8 +33,9 @@ from parrot_actors.engines.contexts import Context, ContextTable
 from parrot_actors.engines.detokenizer import Detokenizer
 from parrot_actors.engines.grammar import Grammars
 from parrot_actors.engines.sampler import make_generator, sample, sample_rows, token_logprobs
+from parrot_actors.engines.step_budget import StepBudget
 from parrot_actors.engines.step_fit import StepTimeFit
-from parrot_actors.engines.step_time import StepShape
+from parrot_actors.engines.step_time import MODELS, StepPredictor, StepShape, StepTimeModel
 from parrot_actors.errors import CapacityError, EngineError, InvalidRequestError, SamplingError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -49,6 +50,8 @@ log = logging.getLogger("parrot_actors.engine")
 
 RECENT_STEPS = 2
 """Steps during which a context just computed is spared when a new request needs room."""
+REFIT_STEPS = 64
+"""A real engine refits its step-time model (for `StepBudget`) after this many new steps."""
 
 FinishCallback = Callable[[object, BaseException | None], None]
 """`on_finish(result, error)`: a `FillResult` / `GenerateResult`, or the request's error."""
@@ -148,12 +151,13 @@ class EngineCore:
 
     Each step admits requests in rank order (latency-critical before throughput, then arrival)
     within `max_batch_tokens` new tokens and `max_running` sequences: running decodes cost one
-    token, fills are chunked to what the budget and the free blocks leave. While latency-critical
-    work is on the engine, throughput work adds at most `throughput_step_tokens` tokens to a
-    step (None: no limit), so a latency call's decode steps stay short: the token budget of
-    stall-free batching (Sarathi-Serve, Agrawal et al., OSDI 2024, §4.3), applied by objective
-    as Parrot gives latency work small-capacity engines (Lin et al., OSDI 2024, §5.4). Throughput
-    work still advances every step, so it cannot starve. When the pool runs
+    token, fills are chunked to what the budget and the free blocks leave. A step that carries
+    latency-critical work is a time budget (`StepBudget`): throughput work fills it only up to
+    `latency_step_slack` more than the latency work's predicted time alone, priced by
+    `step_model()` (the simulated device's model, or the fit of this engine's measured steps);
+    before a real engine has a fit, throughput work adds at most `throughput_step_tokens` tokens
+    instead (None for both: no limit, the request-level baseline). Throughput work still
+    advances every step, so it cannot starve. When the pool runs
     out of blocks it drops idle contexts' KV, then preempts the lowest-ranked running request
     (drops its KV; recomputed when it runs again). A request that cannot fit even alone fails
     with `CapacityError`. `batch_sizes` counts steps per batch size (a histogram, bounded by
@@ -173,6 +177,8 @@ class EngineCore:
         name: str = "engine0",
         model_name: str = "",
         throughput_step_tokens: int | None = None,
+        latency_step_slack: float | None = None,
+        step_model: StepPredictor | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -182,6 +188,10 @@ class EngineCore:
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.throughput_step_tokens = throughput_step_tokens
+        self.latency_step_slack = latency_step_slack
+        self._step_model = step_model
+        self._fitted: StepTimeModel | None = None
+        self._fitted_at = 0
         self.grammars = Grammars(tokenizer, runner.vocab_size)
         self.cascade = cascade
         self.prefix_caching = prefix_caching
@@ -193,6 +203,7 @@ class EngineCore:
             kv_blocks_total=num_blocks,
             block_size=block_size,
             max_model_len=runner.max_len,
+            max_running=max_running,
         )
         self._seq = itertools.count()
         self.batch_sizes: Counter[int] = Counter()
@@ -408,27 +419,41 @@ class EngineCore:
             (r for r in self.running + self.waiting if r.ctx.num_pending != 1 or not r.running),
             key=Request.rank,
         )
-        latency_here = any(
-            r.priority <= LATENCY_PRIORITY and not r.done for r in self.running + self.waiting
-        )
-        cap = self.throughput_step_tokens if latency_here else None
-        for req in dict.fromkeys(decodes_first + rest):
-            budget = self.max_batch_tokens - sum(n for _, n in chosen)
-            if cap is not None and req.priority > LATENCY_PRIORITY:
+        order = list(dict.fromkeys(decodes_first + rest))
+        latency_here = any(r.priority <= LATENCY_PRIORITY and not r.done for r in order)
+        timed = self.step_model() if latency_here and self.latency_step_slack is not None else None
+        cap = self.throughput_step_tokens if latency_here and timed is None else None
+        budget = None
+        if timed is not None:
+            budget = StepBudget(timed, self.latency_step_slack or 0.0)
+            # All latency work is priced before any throughput work is fitted under it.
+            order = [r for r in order if r.priority <= LATENCY_PRIORITY] + [
+                r for r in order if r.priority > LATENCY_PRIORITY
+            ]
+        for req in order:
+            room = self.max_batch_tokens - sum(n for _, n in chosen)
+            throughput = req.priority > LATENCY_PRIORITY
+            if cap is not None and throughput:
                 used = sum(n for r, n in chosen if r.priority > LATENCY_PRIORITY)
-                budget = min(budget, cap - used)
-            if req.done or req not in heads or budget <= 0 or len(chosen) >= self.max_running:
+                room = min(room, cap - used)
+            if req.done or req not in heads or room <= 0 or len(chosen) >= self.max_running:
                 continue
             if self.prefix_caching and not req.running:
                 hit = self.contexts.match_cached(req.ctx)
                 req.reused += hit
                 self.stats.reused_tokens += hit
+            past = req.ctx.num_computed
+            want = min(req.ctx.num_pending, room)
+            if budget is not None and throughput:
+                want = budget.fit(past, want)
             # A request joining a batch that already runs must get its whole prompt's blocks
             # (see `_reserve`); alone it may start in whatever fits.
             whole = not req.running and bool(self.running or chosen)
-            n = self._reserve(req, min(req.ctx.num_pending, budget), chosen, whole)
+            n = self._reserve(req, want, chosen, whole)
             if n == 0:
                 continue  # others may still fit: never stop at one blocked request
+            if budget is not None:
+                budget.add(past, n, throughput)
             chosen.append((req, n))
             req.ctx.last_used = self.stats.steps
             if not req.running:
@@ -438,6 +463,26 @@ class EngineCore:
         if not chosen:
             return None
         return self._plan(chosen)
+
+    def use_step_model(self, model: StepPredictor | None) -> None:
+        """Price steps with `model` from now on (None: the fit of measured steps again)."""
+        self._step_model = model
+
+    def step_model(self) -> StepPredictor | None:
+        """The model that prices this engine's steps: the one it was built with (a simulated
+        engine's device), else the least-squares fit of its measured steps (`step_fit`, refit
+        every `REFIT_STEPS` steps; None until `step_fit.min_samples` steps ran)."""
+        if self._step_model is not None:
+            return self._step_model
+        fit = self.step_fit
+        stale = self._fitted is None or fit.recorded - self._fitted_at >= REFIT_STEPS
+        if stale and len(fit) >= fit.min_samples:
+            fit.fit()
+            if fit.coefficients is not None:
+                shape = fit.model or MODELS["smollm2-135m"]  # cpu-fitted: coefficients only
+                self._fitted = StepTimeModel(shape, None, coefficients=fit.coefficients)
+            self._fitted_at = fit.recorded
+        return self._fitted
 
     def _context_heads(self) -> set[Request]:
         """The oldest unfinished request of each context: requests on one context run in
@@ -830,6 +875,8 @@ class EngineCore:
             cascade=self.cascade,
             prefix_caching=self.prefix_caching,
             throughput_step_tokens=self.throughput_step_tokens,
+            latency_step_slack=self.latency_step_slack,
+            step_model=self._step_model,
             name=self.stats.name,
             model_name=self.stats.model,
         )

@@ -214,6 +214,10 @@ class EchoEngine:
         self.log.append(("free", context_id, ""))
         del self.contexts[context_id]
 
+    def step_model(self) -> None:
+        """None: an echo step costs nothing worth pricing."""
+        return None
+
     def stats(self) -> EngineStats:
         """Counters; kv_blocks_used counts live contexts."""
         self._stats.kv_blocks_used = len(self.contexts)

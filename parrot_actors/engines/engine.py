@@ -48,6 +48,7 @@ from parrot_actors.engines.model_loader import (
     random_model,
 )
 from parrot_actors.engines.sim import SimConfig, SimRunner
+from parrot_actors.engines.step_time import StepPredictor
 from parrot_actors.errors import CapacityError, EngineDiedError, EngineError, InvalidRequestError
 from parrot_actors.messages import (
     LATENCY_PRIORITY,
@@ -95,10 +96,15 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     block_size: tokens per KV block.
     kv_cache_bytes: memory budget of the KV cache (sets the number of blocks).
     max_batch_tokens: new tokens per step (prefill chunk budget). max_running: sequences per
-    step. throughput_step_tokens: most tokens of throughput work in a step while latency work
-    is on the engine ("auto": 64 on the CPU, where a decode step at small batch takes ~130 ms
-    and 64 tokens of prefill add about as much again; 512 on CUDA, where they add little;
-    None: no limit, the request-level baseline's behaviour). cascade: use shared-prefix
+    step. latency_step_slack: a step that carries latency work may take at most this share
+    longer than that work alone, as the engine's step-time model predicts; throughput work
+    (prefill chunks, map-stage decodes) fills only that slack (`step_budget.StepBudget`; None:
+    no limit, the request-level baseline's behaviour). 0.25 keeps a latency call's per-token
+    time within 1.25x of alone, under any throughput load, on any device.
+    throughput_step_tokens: the limit in tokens used instead while a real engine has no fit of
+    its steps yet (its first `step_fit.min_samples` steps; "auto": 64 on the CPU, where a decode
+    step at small batch takes ~130 ms and 64 tokens of prefill add about as much again; 512 on
+    CUDA, where they add little; None: none). cascade: use shared-prefix
     (cascade) decode for forks. prefix_caching: reuse cached full blocks by hash (automatic
     prefix caching); None: as the scheduler's `automatic_prefix_caching` says, on when that is
     unset too (a runtime refuses an engine and a scheduler that set opposite values).
@@ -131,6 +137,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     kv_cache_bytes: int = 1 << 30
     max_batch_tokens: int = 2048
     max_running: int = 64
+    latency_step_slack: float | None = 0.25
     throughput_step_tokens: int | str | None = "auto"
     cascade: bool = True
     prefix_caching: bool | None = None
@@ -153,6 +160,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         if tst is not None and tst != "auto" and (not isinstance(tst, int) or tst <= 0):
             raise InvalidRequestError(
                 f"throughput_step_tokens={tst!r}: must be a number of tokens > 0, 'auto' or None"
+            )
+        slack = self.latency_step_slack
+        if slack is not None and not (isinstance(slack, (int, float)) and 0 <= slack <= 100):
+            raise InvalidRequestError(
+                f"latency_step_slack={slack!r}: must be a share in [0, 100] or None (no limit)"
             )
         if self.gil_switch_interval_s is not None and not 0 < self.gil_switch_interval_s <= 0.1:
             raise InvalidRequestError(
@@ -227,6 +239,8 @@ def _core(
         max_batch_tokens=config.max_batch_tokens,
         max_running=config.max_running,
         throughput_step_tokens=_throughput_step_tokens(config, device),
+        latency_step_slack=config.latency_step_slack,
+        step_model=runner.step_model if isinstance(runner, SimRunner) else None,
         cascade=config.cascade,
         prefix_caching=config.prefix_caching is not False,
         name=config.name,
@@ -739,6 +753,10 @@ class Engine(TokenizerMethods):
         s.restarts = self.restarts
         s.last_error = self.last_error
         return s
+
+    def step_model(self) -> StepPredictor | None:
+        """The core's step-time model (`EngineCore.step_model`)."""
+        return self._core.step_model()
 
     def _step_time(self, core: EngineCore) -> dict[str, float]:
         runner = core.runner

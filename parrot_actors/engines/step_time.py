@@ -28,7 +28,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -445,12 +445,59 @@ def _op_scales(p: _Profile, m: ModelShape) -> dict[str, float]:
 # ---- the model -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """The sums of a step that `StepTimeModel.predict_totals` needs, kept as a running total so
+    a scheduler can price "this step plus one more chunk" in a few operations instead of
+    building a `StepShape` per trial. new: new tokens; pairs: prefill query-key pairs;
+    prefill_kv: KV tokens the prefill chunks touch; decode_kv: KV tokens the decodes read;
+    seqs: sequences (one LM head row each); decodes: decoding sequences; shared: whether
+    decodes share a cascade prefix. Cascade sharing is not tracked by `add_*` (a bound from
+    above: sharing only makes decodes cheaper)."""
+
+    new: int = 0
+    pairs: float = 0.0
+    prefill_kv: int = 0
+    decode_kv: int = 0
+    seqs: int = 0
+    rows: int = 0
+    decodes: int = 0
+    shared: bool = False
+
+    def add_prefill(self, new: int, past: int) -> StepTotals:
+        """These totals plus a prefill chunk of `new` tokens after `past` computed ones."""
+        return replace(self, new=self.new + new, pairs=self.pairs + new * (past + (new + 1) / 2),
+                       prefill_kv=self.prefill_kv + new + past, seqs=self.seqs + 1,
+                       rows=self.rows + 1)
+
+    def add_decode(self, context_len: int) -> StepTotals:
+        """These totals plus one decode whose context (its new token included) is
+        `context_len` tokens."""
+        return replace(self, new=self.new + 1, decode_kv=self.decode_kv + context_len,
+                       seqs=self.seqs + 1, rows=self.rows + 1, decodes=self.decodes + 1)
+
+    @classmethod
+    def of(cls, shape: StepShape) -> StepTotals:
+        """The totals of `shape` (its cascade groups included)."""
+        new, pairs, prefill_kv, decode_kv, seqs, rows = shape._sums
+        return cls(new, pairs, prefill_kv, decode_kv, seqs, rows, len(shape.decode),
+                   bool(shape.shared))
+
+
 def features(shape: StepShape, model: ModelShape | None = None) -> tuple[float, ...]:
     """The cpu-fitted model's features of `shape`, in `FEATURES` order: 1, new tokens, LM head
     rows, prefill query-key pairs, decode KV tokens read, sequences. `model` is accepted for
     shape-dependent features; none needs it yet."""
     s = shape._sums
     return (1.0, float(s[0]), float(s[5]), s[1], float(s[3]), float(s[4]))
+
+
+class StepPredictor(Protocol):
+    """Anything that prices a step: `StepTimeModel`, or a test's exact linear stand-in."""
+
+    def predict_totals(self, totals: StepTotals) -> float:
+        """Seconds one step with these totals takes."""
+        ...
 
 
 class StepTimeModel:
@@ -553,8 +600,9 @@ class StepTimeModel:
         x0, x1 = xs[i - 1], xs[i]
         return ys[i - 1] + (ys[i] - ys[i - 1]) * (n - x0) / (x1 - x0)
 
-    def _components(self, shape: StepShape) -> tuple[float, float, float, float, float, float]:
-        new, pairs, prefill_kv, decode_kv, seqs, rows = shape._sums
+    def _components(self, t: StepTotals) -> tuple[float, float, float, float, float, float]:
+        new, pairs, prefill_kv, decode_kv, seqs, rows = (t.new, t.pairs, t.prefill_kv,
+                                                         t.decode_kv, t.seqs, t.rows)
         if self.coefficients is not None:
             c = self._coef
             return (c[1] * new, c[3] * pairs, c[4] * decode_kv, c[2] * rows, 0.0,
@@ -564,8 +612,8 @@ class StepTimeModel:
             # Roofline: the chunks' FLOPs, or reading their past and new KV where that is slower.
             prefill = max(pairs * self._prefill_s_per_pair, prefill_kv * self._decode_s_per_kv)
             prefill += self._kernel_s
-        if len(shape.decode):
-            kernels = 1 + (CASCADE_EXTRA_KERNELS if shape.shared else 0)
+        if t.decodes:
+            kernels = 1 + (CASCADE_EXTRA_KERNELS if t.shared else 0)
             decode = decode_kv * self._decode_s_per_kv + kernels * self._kernel_s
         if rows:
             lm = max(rows * self._lm_s_per_row, self._lm_floor_s)
@@ -576,7 +624,11 @@ class StepTimeModel:
 
     def predict(self, shape: StepShape) -> float:
         """Seconds one step of `shape` takes (the sum of `breakdown`)."""
-        return sum(self._components(shape))
+        return sum(self._components(StepTotals.of(shape)))
+
+    def predict_totals(self, totals: StepTotals) -> float:
+        """Seconds one step with these totals takes (`predict` without building a shape)."""
+        return sum(self._components(totals))
 
     def breakdown(self, shape: StepShape) -> dict[str, float]:
         """Seconds per component (`COMPONENTS`). GPU: "linear" the interpolated Vidur profile;
@@ -587,7 +639,7 @@ class StepTimeModel:
         GEMM; "allreduce" 2 per layer, ring cost 2 (tp-1)/tp bytes / link + latency;
         "overhead" host time. cpu-fitted: each feature times its coefficient (step and
         sequences are "overhead")."""
-        return dict(zip(COMPONENTS, self._components(shape)))
+        return dict(zip(COMPONENTS, self._components(StepTotals.of(shape))))
 
     def kv_capacity_tokens(self, kv_cache_bytes: float) -> int:
         """Tokens of KV that `kv_cache_bytes` bytes per GPU hold."""
@@ -643,6 +695,6 @@ def _check_coefficients(coefficients: Mapping[str, float]) -> dict[str, float]:
 
 
 __all__ = [
-    "DEVICES", "FEATURES", "MODELS", "DeviceSpec", "ModelShape", "StepShape", "StepTimeModel",
-    "features", "locate_profiles",
+    "DEVICES", "FEATURES", "MODELS", "DeviceSpec", "ModelShape", "StepPredictor", "StepShape",
+    "StepTimeModel", "StepTotals", "features", "locate_profiles",
 ]

@@ -117,6 +117,10 @@ class RayEngine(TokenizerMethods):
 
     # ---- local answers ------------------------------------------------------------------
 
+    def step_model(self) -> None:
+        """None: the model lives in the actor's process (the scheduler prices tokens)."""
+        return None
+
     def stats(self) -> EngineStats:
         """The engine's counters as of the last answer or refresh (a copy); `healthy` is False
         while the actor is lost as well as while its engine rebuilds itself."""

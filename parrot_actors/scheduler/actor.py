@@ -21,7 +21,7 @@ from typing import Any
 
 from parrot_actors import clock
 from parrot_actors.engines.api import EngineClient
-from parrot_actors.errors import CallError, ParrotError
+from parrot_actors.errors import CallError, OverloadedError, ParrotError
 from parrot_actors.messages import LATENCY_PRIORITY
 from parrot_actors.scheduler.config import SchedulerConfig
 from parrot_actors.scheduler.executor import (
@@ -39,8 +39,11 @@ from parrot_actors.scheduler.policy import (
     Placement,
     admission_key,
     eligible,
+    latency_step_s,
+    predicted_wait_s,
     schedule_app,
     schedule_fcfs,
+    service_s,
 )
 from parrot_actors.scheduler.prefixes import PrefixEntry, PrefixManager
 from parrot_actors.scheduler.retention import Retained, Retention, common_prefix
@@ -72,10 +75,14 @@ class Scheduler:
     "failed". call_stats: the latest `config.call_stats_size` finished calls' `CallStats`.
     tap: listeners of outputs being generated (the executor streams those).
 
-    Programs (sessions): calls that name a `program` are ordered by the tokens their program
-    has been served so far (least first, `policy.admission_key`), and a finished call with a
+    Programs (sessions): calls that name a `program` are ordered by the predicted engine
+    seconds their program has been served so far (least first, `policy.admission_key`,
+    `policy.service_s`), and a finished call with a
     `retain_s` leaves its context in `retention` for the program's next call, which is placed
     on that engine and forks the context at the token level (`retention.py`).
+
+    Overload: `admit` refuses a latency call whose predicted wait is over the tenant's bound,
+    and a throughput call past the tenant's queue bound, with `OverloadedError` (HTTP 429).
 
     Engine health: an engine that is down takes no new calls, and when it is back the queue is
     dispatched again. When its loop was rebuilt (`stats().restarts` changed) its prefix contexts
@@ -100,6 +107,8 @@ class Scheduler:
         self._registered: set[int] = set()
         self._used: dict[int, PrefixEntry | None] = {}
         self._ids: dict[int, list[int]] = {}
+        self._latency_kv: dict[int, int] = {}  # running latency call -> prompt + max new tokens
+        self._tenant: dict[int, str] = {}  # admitted call -> its tenant
         self._retries: dict[int, int] = {}
         self._restarts_seen: dict[str, int] = {}
         self.retention = Retention(self.config.max_retained_contexts)
@@ -145,6 +154,71 @@ class Scheduler:
         self.ready[call.id] = _Ready(call, clock.now(), next(self._seq))
         self.dispatch()
 
+    def admit(self, call: SemanticCall, tenant: str = "default") -> None:
+        """Refuse, before it enters the graph, a call the engines would not serve in bounded
+        time. A latency call: its predicted wait (`policy.predicted_wait_s`: the latency calls
+        running and queued for its model ahead of it, on the latency slots of the engines that
+        serve it, each taking what this call takes in a full batch by their step-time model)
+        against the tenant's bound (`config.tenant_max_latency_wait_s`, else
+        `max_latency_wait_s`; None: never refused). A throughput call: the tenant's queued
+        throughput calls against `config.max_queued_throughput`. A call no healthy engine
+        serves is left to `enqueue` (it fails or waits there). Raises `OverloadedError` with
+        the seconds after which a retry would be under the bound."""
+        cfg = self.config
+        probe = CallInfo(call_id=call.id, objective="", seq=0, model=call.model)
+        cands = eligible(probe, self.engine_states())
+        if get_perf_objective(call) != "latency":
+            queued = sum(
+                1
+                for q in self.ready.values()
+                if self._tenant.get(q.call.id) == tenant
+                and get_perf_objective(q.call) != "latency"
+            )
+            if queued >= cfg.max_queued_throughput:
+                raise OverloadedError(
+                    f"tenant {tenant!r} has {queued} throughput calls queued: at most "
+                    f"max_queued_throughput={cfg.max_queued_throughput}",
+                    retry_after_s=cfg.max_throughput_wait_s,
+                )
+            self._tenant[call.id] = tenant
+            return
+        bound = cfg.tenant_max_latency_wait_s.get(tenant, cfg.max_latency_wait_s)
+        self._tenant[call.id] = tenant
+        if bound is None or not cands:
+            return
+        caps = {s.name: cfg.latency_cap or s.max_running for s in cands}
+        slots = sum(caps.values())
+        ahead = sum(s.running_latency for s in cands) + sum(
+            1
+            for q in self.ready.values()
+            if q.call.model == call.model and get_perf_objective(q.call) == "latency"
+        )
+        if ahead < slots:
+            return
+        engine = self.engines[cands[0].name]
+        model = engine.step_model()
+        prompt = len(call.prompt_ids) if call.prompt_ids is not None else 0
+        if call.prompt_ids is None:
+            with contextlib.suppress(ParrotError):  # an input without a value yet: unknown
+                prompt = len(engine.tokenize(first_segment(call, engine), first=True))
+        new = sum(sampling_of(p.sampling).max_tokens for p in call.pieces if p.kind == "output")
+        new *= call.samples
+        call_s = service_s(model, prompt, 0, 0)
+        cap = caps[cands[0].name]
+        if model is not None:
+            call_s += new * latency_step_s(model, cap, cap * (prompt + (new + 1) // 2))
+        else:
+            call_s += service_s(None, 0, 0, new)
+        wait = predicted_wait_s(ahead, slots, call_s)
+        if wait > bound:
+            self._tenant.pop(call.id, None)
+            raise OverloadedError(
+                f"{call.function_name}#{call.id}: predicted wait {wait:.2f} s ({ahead} latency "
+                f"calls ahead on {slots} slots) is over the bound of {bound:g} s for tenant "
+                f"{tenant!r} (max_latency_wait_s)",
+                retry_after_s=wait - bound,
+            )
+
     def cancel(self, call: SemanticCall) -> None:
         """Drop a queued call, or cancel a running one (its engine work stops)."""
         if self.ready.pop(call.id, None) is not None:
@@ -168,6 +242,7 @@ class Scheduler:
             fn(call)
         entry = self._used.pop(call.id, None)
         self._ids.pop(call.id, None)
+        self._tenant.pop(call.id, None)
         if self.shares_prefixes:
             self.sharing.release(call, entry)
 
@@ -180,8 +255,10 @@ class Scheduler:
     def engine_states(self, include_unhealthy: bool = False) -> list[EngineState]:
         """A snapshot of every engine for the policy (healthy ones only, unless asked)."""
         running: dict[str, list[SemanticCall]] = {name: [] for name in self.engines}
+        latency_kv = dict.fromkeys(self.engines, 0)
         for call, name, _ in self.running.values():
             running[name].append(call)
+            latency_kv[name] += self._latency_kv.get(call.id, 0)
         held: dict[str, list[str]] = {name: [] for name in self.engines}
         for key, name in self.prefixes.entries:
             held[name].append(key)
@@ -204,6 +281,9 @@ class Scheduler:
                     free_blocks=s.kv_blocks_total - s.kv_blocks_used,
                     block_size=s.block_size,
                     prefixes=tuple(held[name]),
+                    max_running=s.max_running or 64,
+                    latency_kv_tokens=latency_kv[name],
+                    step_model=engine.step_model(),
                 )
             )
         return states
@@ -259,6 +339,7 @@ class Scheduler:
                 cfg.latency_cap,
                 cfg.throughput_cap,
                 cfg.max_throughput_wait_s,
+                latency_tpot_s=cfg.latency_tpot_s,
             )
         groups = self.sharing.token_groups(infos, placements, self._ids)
         block_size = {s.name: s.block_size for s in states}
@@ -275,7 +356,7 @@ class Scheduler:
         slots = {
             s.name: max(
                 self.config.throughput_cap - s.running_calls,
-                self.config.latency_cap - s.running_latency,
+                (self.config.latency_cap or s.max_running) - s.running_latency,
                 0,
             )
             for s in states
@@ -289,7 +370,7 @@ class Scheduler:
                 first[group] = min(first.get(group, q.seq), q.seq)
         wait = self.config.max_throughput_wait_s
 
-        def key(q: _Ready) -> tuple[int, int, int, int]:
+        def key(q: _Ready) -> tuple[int, float, int, int]:
             group, program = q.call.task_group, q.call.program
             return admission_key(
                 get_perf_objective(q.call),
@@ -332,7 +413,7 @@ class Scheduler:
             max_new_tokens=max_new * call.samples,
             model=call.model,
             waited_s=now - queued.ready_at,
-            attained=0 if fcfs else self.attained(call.program),
+            attained=0.0 if fcfs else self.attained(call.program),
         )
 
     def _start(
@@ -364,6 +445,8 @@ class Scheduler:
                 if entry is not None:
                     fork = ForkFrom(entry.context_id, len(entry.tokens), entry.ready)
         self._used[call.id] = entry
+        if info.objective == "latency":
+            self._latency_kv[call.id] = info.prompt_tokens + info.max_new_tokens
         priority = LATENCY_PRIORITY if self.config.policy == "fcfs" else priority_of(call)
         task = asyncio.get_running_loop().create_task(
             run_call(
@@ -385,10 +468,18 @@ class Scheduler:
 
     def _finished(self, call: SemanticCall, stats: CallStats) -> None:
         self.running.pop(call.id, None)
+        self._latency_kv.pop(call.id, None)
         self._done_forking(call)
         if call.program is not None:
             served = self._programs.pop(call.program, None) or ProgramStats()
-            served.add(stats, call.cached_tokens)
+            engine = self.engines.get(stats.engine)
+            seconds = service_s(
+                engine.step_model() if engine is not None else None,
+                stats.computed_tokens,
+                stats.prompt_tokens - stats.computed_tokens,
+                stats.completion_tokens,
+            )
+            served.add(stats, call.cached_tokens, seconds)
             self._programs[call.program] = served  # most recently served last
             while len(self._programs) > self.config.max_programs:
                 self._programs.popitem(last=False)
@@ -426,11 +517,12 @@ class Scheduler:
 
     # ---- retained contexts ----------------------------------------------------------------
 
-    def attained(self, program: str | None) -> int:
-        """Tokens (prompt and generated) the program's calls have been served so far (0 for
-        None or a program not seen, or forgotten among more than `config.max_programs`)."""
+    def attained(self, program: str | None) -> float:
+        """Predicted engine seconds the program's calls have been served so far
+        (`ProgramStats.service_s`; 0 for None or a program not seen, or forgotten among more
+        than `config.max_programs`)."""
         served = self._programs.get(program) if program is not None else None
-        return served.attained if served is not None else 0
+        return served.service_s if served is not None else 0.0
 
     def program_stats(self, program: str) -> ProgramStats | None:
         """What the program has been served (None if unknown); see `ProgramStats`."""

@@ -60,9 +60,10 @@ class CallStats(msgspec.Struct, kw_only=True):
 
 
 class ProgramStats(msgspec.Struct, kw_only=True):
-    """What one program (a session) has been served over its finished calls, in tokens:
-    calls, prompt and completion tokens, prompt tokens computed and reused, and of those
-    reused, the ones forked from its own retained context (`cached_tokens`)."""
+    """What one program (a session) has been served over its finished calls: calls, prompt
+    and completion tokens, prompt tokens computed and reused, and of those reused, the ones
+    forked from its own retained context (`cached_tokens`); `service_s`, the predicted engine
+    seconds of its calls (`policy.service_s`), is its attained service."""
 
     calls: int = 0
     prompt_tokens: int = 0
@@ -70,15 +71,17 @@ class ProgramStats(msgspec.Struct, kw_only=True):
     computed_tokens: int = 0
     reused_tokens: int = 0
     cached_tokens: int = 0
+    service_s: float = 0.0
 
     @property
-    def attained(self) -> int:
-        """Tokens served (prompt and completion): the program's attained service."""
+    def attained_tokens(self) -> int:
+        """Tokens served (prompt and completion)."""
         return self.prompt_tokens + self.completion_tokens
 
-    def add(self, call: CallStats, cached_tokens: int) -> None:
-        """Count one finished call (or attempt)."""
+    def add(self, call: CallStats, cached_tokens: int, seconds: float = 0.0) -> None:
+        """Count one finished call (or attempt) that cost `seconds` of predicted engine time."""
         self.calls += 1
+        self.service_s += seconds
         self.prompt_tokens += call.prompt_tokens
         self.completion_tokens += call.completion_tokens
         self.computed_tokens += call.computed_tokens

@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from parrot_actors.errors import ParrotError
+from parrot_actors.errors import OverloadedError, ParrotError
 from parrot_actors.server.errors import (
     BadRequestError,
     NotFoundError,
@@ -150,8 +150,12 @@ def _answer(
             body = msgspec.structs.replace(
                 body, error=msgspec.structs.replace(body.error, code=kind)
             )
-        return json_response(body, status=status)
-    wire = error_body(exc)
-    if kind is not None:
-        wire = msgspec.structs.replace(wire, type=kind)
-    return error_response(status, wire)
+        resp = json_response(body, status=status)
+    else:
+        wire = error_body(exc)
+        if kind is not None:
+            wire = msgspec.structs.replace(wire, type=kind)
+        resp = error_response(status, wire)
+    if isinstance(exc, OverloadedError):  # RFC 9110 §10.2.3: whole seconds
+        resp.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+    return resp

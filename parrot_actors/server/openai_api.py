@@ -165,7 +165,8 @@ class OpenAIAPI:
                 computed_tokens=served.computed_tokens,
                 reused_tokens=served.reused_tokens,
                 cached_tokens=served.cached_tokens,
-                attained_tokens=served.attained,
+                attained_tokens=served.attained_tokens,
+                attained_s=round(served.service_s, 6),
             )
         kept = scheduler.retention.of(program)
         if kept is not None:
@@ -283,6 +284,7 @@ class OpenAIAPI:
         that failed the call; cancelling the wait cancels the call."""
         call, var = prepared.call, prepared.var
         objective = call.objective or LATENCY
+        self.runtime.admit(call)
         self.runtime.submit(call)
         try:
             await var.get(perf=objective)
@@ -303,6 +305,7 @@ class OpenAIAPI:
         call, var, fmt = prepared.call, prepared.var, prepared.fmt
         opts = prepared.req.stream_options
         include_usage = bool(opts and opts.include_usage)
+        self.runtime.admit(call)  # refused before a listener exists that would be left behind
         queue: asyncio.Queue[tuple[TokenDelta, int] | None] = asyncio.Queue()
         stop = self.runtime.tap.listen(var, lambda delta, i: queue.put_nowait((delta, i)))
         start = clock.now()

@@ -642,8 +642,9 @@ class HintSessionStats(Response, kw_only=True):
     """GET /v1/parrot/sessions/{session}: what a session named in OpenAI requests' hints has
     been served (its finished requests), in tokens: `calls`, prompt and completion tokens,
     prompt tokens computed and reused (forked or cached), of those the ones forked from its
-    own previous turn (`cached_tokens`), and its attained service (prompt + completion, what
-    the scheduler orders programs by). `retained_tokens`: its context kept on an engine now
+    own previous turn (`cached_tokens`), prompt + completion (`attained_tokens`) and its
+    attained service in predicted engine seconds (`attained_s`, what the scheduler orders
+    programs by). `retained_tokens`: its context kept on an engine now
     (0: none) and `retained_for_s` how much longer (seconds)."""
 
     session: str
@@ -654,6 +655,7 @@ class HintSessionStats(Response, kw_only=True):
     reused_tokens: int = 0
     cached_tokens: int = 0
     attained_tokens: int = 0
+    attained_s: float = 0.0
     retained_tokens: int = 0
     retained_for_s: float = 0.0
 

@@ -60,6 +60,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "engine's batch; its step time bounds latency work)",
     )
     p.add_argument(
+        "--latency-step-slack",
+        type=float,
+        default=None,
+        help="engines: a step carrying latency work may take this share longer than that "
+        "work alone, for throughput work (default: EngineConfig's, 0.25)",
+    )
+    p.add_argument(
         "--latency-tpot",
         type=float,
         default=None,

@@ -90,12 +90,19 @@ def engine_configs(args: argparse.Namespace, tuning: dict | None = None) -> list
         "dtype": args.dtype,
         "cascade": not getattr(args, "no_cascade", False),
     }
+    kw.update(_slack(args))
     kw.update(tuning or {})
     if args.tiny:
         kw["random_model"] = dict(TINY_MODEL)
     else:
         kw["model"] = args.model
     return [EngineConfig(name=f"engine{i}", **kw) for i in range(max(1, args.engines))]
+
+
+def _slack(args: argparse.Namespace) -> dict:
+    """`--latency-step-slack`, when given, as engine config fields."""
+    slack = getattr(args, "latency_step_slack", None)
+    return {} if slack is None else {"latency_step_slack": slack}
 
 
 def _sim_configs(args: argparse.Namespace, tuning: dict | None) -> list[EngineConfig]:
@@ -128,6 +135,7 @@ def _sim_configs(args: argparse.Namespace, tuning: dict | None) -> list[EngineCo
     }
     if cpu:
         kw["throughput_step_tokens"] = 64  # the CPU engine's "auto"
+    kw.update(_slack(args))
     kw.update(tuning)
     return [EngineConfig(name=f"engine{i}", **kw) for i in range(max(1, args.engines))]
 

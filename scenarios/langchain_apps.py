@@ -91,7 +91,7 @@ async def run(ctx: RunContext, args: argparse.Namespace) -> None:
     # Imports and the clients' one-off setup stay out of the timed runs.
     import langchain_openai  # noqa: F401
 
-    import parrot_actors.integrations.chains  # noqa: F401
+    from parrot_actors.integrations import chains
 
     async with DelayProxy(ctx.url, ctx.rtt_s) as proxy:
         for r in range(args.runs):
@@ -107,7 +107,10 @@ async def run(ctx: RunContext, args: argparse.Namespace) -> None:
                 ctx.keep(f"run{r}/{app}", out)
                 calls = len(chunks) + 1 if app == "map-reduce" else len(chunks)
                 ctx.finish(n, app, arrival, [out], calls)
-                for key, value in proxy.since(start).items():
+                path = proxy.since(start)["network s"]  # the app's path ends with its answer
+                await chains.sessions_ended()  # compiled runs end their session after it
+                cost = {**proxy.since(start), "network s": path}
+                for key, value in cost.items():
                     ctx.extra[f"{app} {key}"] = ctx.extra.get(f"{app} {key}", 0.0) + value
         ctx.round_trips = proxy.count
 

@@ -4,6 +4,7 @@ submitted whole; outputs token for token those of the same chain run step by ste
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import pytest
@@ -121,10 +122,16 @@ def test_remote_chains_one_submission_batch_and_one_wait():
         expected = chain.invoke(inputs)  # step by step: 7 chat completions
         before = _requests(server.url)
         assert compile_chain(chain).invoke(inputs) == expected
+        deadline = time.monotonic() + 10
+        while _requests(server.url).get(("DELETE", "/v1/session"), 0) == before.get(
+            ("DELETE", "/v1/session"), 0
+        ):  # the session ends after the answer came back
+            assert time.monotonic() < deadline, "the run's session was never ended"
+            time.sleep(0.01)
         after = _requests(server.url)
         sent = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-        # One session, one render of all 7 prompts, one batch of the 7 calls, one wait, the
-        # session's end.
+        # One session, one render of all 7 prompts, one batch of the 7 calls, one wait sent
+        # beside the batch, the session's end.
         assert {k: v for k, v in sent.items() if k[1] != "/metrics"} == {
             ("POST", "/v1/sessions"): 1,
             ("POST", "/v1/parrot/render_chat"): 1,

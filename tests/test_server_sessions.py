@@ -256,3 +256,23 @@ async def test_health_and_metrics(http):
     assert value(text, "parrot_scheduler_ready_calls") == 0.0
     assert 'parrot_http_request_seconds_bucket{le="0.005",route="/health"}' in text
     assert "parrot_variable_wait_seconds_count" in text
+
+
+async def test_a_get_sent_beside_the_call_waits_for_its_variable_to_exist(http):
+    token = await new_session(http)
+    early = asyncio.ensure_future(
+        api(http, "GET", "/v1/variables/out1?timeout=5&created_within=5", token)
+    )
+    await asyncio.sleep(0.1)  # the GET arrives first
+    body = call("Say {{input:p}} {{output:out1}}", p={"value": "hi"}, out1={})
+    body["args"]["out1"] = {"var": "out1"}
+    status, sub = await api(http, "POST", "/v1/calls", token, json=body)
+    assert status == 201 and sub["outputs"] == {"out1": "out1"}
+    status, data = await early
+    assert (status, data["state"], data["value"]) == (200, "done", "echo(Say hi )")
+    # Never created: 404 once the grace is over; a grace past the limit is a 400.
+    status, data = await api(http, "GET", "/v1/variables/never?created_within=0.05", token)
+    assert (status, data["error"]["type"]) == (404, "NotFoundError")
+    status, data = await api(http, "GET", "/v1/variables/never?created_within=11", token)
+    assert status == 400 and "created_within='11'" in data["error"]["message"]
+    assert (await api(http, "DELETE", "/v1/session", token))[0] == 200

@@ -28,8 +28,9 @@ template over the same strings), so greedy outputs are token for token the same.
 Over an embedded runtime (`ChatParrot(runtime=...)`) the engine renders the prompts and the
 runtime takes the calls; over a service (`ChatParrot(url=...)`) a run opens one Parrot API
 session (while its first stage renders), renders each stage's prompts in one request
-(`POST /v1/parrot/render_chat`), posts its calls in one batch (`POST /v1/calls/batch`) and
-waits once for the output (plus once per boundary), then ends the session.
+(`POST /v1/parrot/render_chat`), posts its calls in one batch (`POST /v1/calls/batch`) with
+the wait for the output sent beside it (`GET ...?created_within=`, so submitting and waiting
+cost one round trip; plus one per boundary), and ends the session after returning.
 """
 
 from __future__ import annotations
@@ -117,9 +118,27 @@ class CompiledChain(Runnable[Any, Any]):
         assert llm.url is not None, "ChatParrot validates url or runtime"
         backend = _Remote(llm.url, llm.api_key, RemoteRuntime(llm.url, api_key=llm.api_key))
         try:
-            return await _Run(self.strict, backend).output(self.chain, input)
-        finally:
+            out = await _Run(self.strict, backend).output(self.chain, input)
+        except BaseException:
             await backend.close()
+            raise
+        # The answer is here: the session ends off the caller's critical path (one round
+        # trip less per run; a loop that stops first leaves it to the service's TTL).
+        task = asyncio.get_running_loop().create_task(backend.close())
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+        return out
+
+
+_CLOSING: set[asyncio.Task[None]] = set()
+"""Sessions of finished remote runs being ended (kept so their tasks are not collected)."""
+
+
+async def sessions_ended() -> None:
+    """Wait until the sessions of the remote runs that returned so far have ended (each run
+    ends its session after returning its answer)."""
+    while _CLOSING:
+        await asyncio.gather(*list(_CLOSING), return_exceptions=True)
 
 
 def _first_model(chain: Runnable[Any, Any]) -> ChatParrot:

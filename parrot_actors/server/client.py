@@ -26,7 +26,7 @@ import msgspec
 
 from parrot_actors.errors import CallError, ParrotError, TemplateError
 from parrot_actors.server.client_wire import encode_call, error_from_response
-from parrot_actors.server.errors import GetTimeoutError, exception_from
+from parrot_actors.server.errors import GetTimeoutError, NotFoundError, exception_from
 from parrot_actors.server.protocol import (
     CallAccepted,
     CallEvents,
@@ -67,6 +67,8 @@ BATCH_BYTES = 256 << 10
 """A batch closes once its JSON passes this size (bytes), well under the service's default
 `max_body_bytes` (1 MiB)."""
 _CANCELLED = CallError("cancelled before it was sent")
+EARLY_GET_S = 5.0
+"""Seconds the service waits for the batch that creates a variable fetched beside it."""
 
 
 class RemoteRuntime(CurrentRuntime):
@@ -215,6 +217,9 @@ class RemoteRuntime(CurrentRuntime):
                 if item[0] == "call":
                     calls.append(item[1])
                     continue
+                if item[0] == "get" and any(item[1].producer is c for c in calls):
+                    self._fetch_early(item[1], item[2])
+                    continue
                 if item[0] == "set" and item[1].id not in self._known:
                     continue  # its value travels inline with the calls that use it
                 await self._send_calls(calls)
@@ -350,21 +355,45 @@ class RemoteRuntime(CurrentRuntime):
     def _fail_call(self, call: SemanticCall, err: CallError) -> None:
         advance(call, CallState.FAILED)
         for out in call.outputs:
+            early = self._fetching.pop(out.id, None)
+            if early is not None:
+                early.cancel()  # a GET sent beside a batch that did not take the call
             out.fail(err)
 
-    async def _fetch(self, var: Variable, perf: str) -> None:
+    def _fetch_early(self, var: Variable, perf: str) -> None:
+        """Wait for `var`, whose call goes out in the batch being sent now, with a GET sent
+        beside that batch (`created_within`: the service waits for the batch to create it), so
+        the wait costs no round trip after the submission's."""
+        if var.done() or self._fetching.get(var.id) is not None:
+            return
+        self._fetching[var.id] = asyncio.get_running_loop().create_task(
+            self._fetch(var, perf, created_within=EARLY_GET_S)
+        )
+
+    async def _fetch(self, var: Variable, perf: str, created_within: float = 0.0) -> None:
         try:
             while True:
+                params = {"perf": perf, "timeout": str(self.get_timeout_s)}
+                if created_within:
+                    params["created_within"] = str(created_within)
                 try:
                     state = await self._request(
                         "GET",
                         f"/v1/variables/{var.id}",
                         type_=VariableState,
-                        params={"perf": perf, "timeout": str(self.get_timeout_s)},
-                        timeout=self.get_timeout_s + self.request_timeout_s,
+                        params=params,
+                        timeout=self.get_timeout_s + self.request_timeout_s + created_within,
                     )
                 except GetTimeoutError:
+                    created_within = 0.0  # it exists now
                     continue  # a long wait: ask again
+                except NotFoundError:
+                    if not created_within:
+                        raise
+                    # The batch creating it is still on its way (or was refused: then
+                    # `_fail_call` cancels this task); ask again once it is known.
+                    created_within = 0.0 if var.id in self._known else created_within
+                    continue
                 if state.state != "pending":
                     self._apply(var, state)
                     return

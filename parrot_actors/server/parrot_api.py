@@ -59,7 +59,7 @@ from parrot_actors.server.protocol import (
     TokenEvent,
     VariableState,
 )
-from parrot_actors.server.sessions import Session, SessionManager
+from parrot_actors.server.sessions import MAX_CREATED_WITHIN_S, Session, SessionManager
 from parrot_actors.variables.perf import OBJECTIVES
 from parrot_actors.variables.variable import Variable
 
@@ -194,9 +194,13 @@ class ParrotAPI:
 
     async def get_variable(self, request: web.Request) -> web.Response:
         """GET /v1/variables/{id}: wait up to `timeout` seconds (0: answer at once, still
-        asking for the value) with objective `perf`. 504 when it is still pending."""
+        asking for the value) with objective `perf`. 504 when it is still pending.
+        `created_within` (seconds, at most `MAX_CREATED_WITHIN_S`): a variable not there yet
+        may be created that long after this request arrives (a GET sent beside the batch
+        that creates it, so the wait costs no round trip of its own); 404 after that."""
         async with self.sessions.use(request) as s:
-            var = s.variable(request.match_info["id"])
+            within = query_float(request, "created_within", 0.0, 0.0, MAX_CREATED_WITHIN_S)
+            var = await s.variable_soon(request.match_info["id"], within)
             perf, timeout = self._wait_query(request)
             if not var.done():
                 start = clock.now()

@@ -33,6 +33,11 @@ from parrot_actors.variables.variable import Variable
 
 log = logging.getLogger("parrot_actors.server")
 
+EXPECTED_IDS = 64
+"""Variable ids a session's GETs may wait to be created at once (`Session.variable_soon`)."""
+MAX_CREATED_WITHIN_S = 10.0
+"""The longest a GET waits for its variable to be created (`?created_within=`)."""
+
 
 class Session:
     """One client's view of the graph: variable ids -> `Variable`s, and its calls.
@@ -55,6 +60,7 @@ class Session:
         self.active = 0
         self.closed = False
         self._ids = itertools.count()
+        self._expected: dict[str, asyncio.Future[None]] = {}  # id -> set when registered
 
     def variable(self, var_id: str) -> Variable:
         """The session's variable `var_id`. Raises `NotFoundError` (404) for any id the session
@@ -63,6 +69,28 @@ class Session:
         if var is None:
             raise NotFoundError(f"variable {var_id!r} does not exist in this session")
         return var
+
+    async def variable_soon(self, var_id: str, within_s: float) -> Variable:
+        """The session's variable `var_id`, waiting up to `within_s` seconds for it to be
+        registered: a GET sent beside the batch that creates it may arrive first (two
+        connections, no order between them). At most `EXPECTED_IDS` ids are awaited at once.
+        Raises `NotFoundError` (404) when it does not exist by then."""
+        var = self.variables.get(var_id)
+        if var is not None or within_s <= 0:
+            return self.variable(var_id)
+        fut = self._expected.get(var_id)
+        if fut is None:
+            if len(self._expected) >= EXPECTED_IDS:
+                return self.variable(var_id)
+            fut = self._expected[var_id] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), within_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if self._expected.get(var_id) is fut and not fut.done():
+                del self._expected[var_id]
+        return self.variable(var_id)
 
     def check_new_id(self, var_id: str) -> None:
         """Raise `ConflictError` if `var_id` is taken, `TooManyPendingError` at the variable
@@ -79,6 +107,9 @@ class Session:
         self.check_new_id(var_id)
         self.variables[var_id] = var
         self.ids[var] = var_id
+        fut = self._expected.pop(var_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
         if delivered:
             self.delivered.add(var_id)
 

@@ -135,6 +135,7 @@ def _sim_configs(args: argparse.Namespace, tuning: dict | None) -> list[EngineCo
     }
     if cpu:
         kw["throughput_step_tokens"] = 64  # the CPU engine's "auto"
+        kw["latency_step_slack"] = 0.25  # the CPU engine's "auto"
     kw.update(_slack(args))
     kw.update(tuning)
     return [EngineConfig(name=f"engine{i}", **kw) for i in range(max(1, args.engines))]

@@ -128,3 +128,31 @@ def test_a_request_past_the_wait_bound_gets_429_with_retry_after():
         assert first[0].status_code == 200
         # Nothing is kept per call once it is over (the per-call tenant record is bounded).
         wait_until(server, lambda rt: not rt.scheduler.running and not rt.scheduler._tenant)
+
+
+def test_latency_work_is_packed_apart_from_throughput_work():
+    def eng(name: str, **kw) -> EngineState:
+        return EngineState(name=name, model="m", free_blocks=1000, step_model=Linear(), **kw)
+
+    def thr(i: int) -> CallInfo:
+        return CallInfo(call_id=i, objective="throughput", seq=i, prompt_tokens=100)
+
+    # Engine a runs 1 latency call (200 KV tokens), b runs 2 maps. One call of 200 alone:
+    # 10 + 1 + 2 = 13 ms; with a's: 10 + 2 + 4 = 16 ms <= 1.25 x 13 = 16.25 ms: it joins a.
+    # A third latency call would make a's step 19 ms: it goes where the least throughput
+    # work runs (c, idle); the map goes to d, the one engine without latency work.
+    engines = [
+        eng("a", running_calls=1, running_latency=1, latency_kv_tokens=200),
+        eng("b", running_calls=2),
+        eng("c"),
+        eng("d"),
+    ]
+    ready = [lat(1), lat(2), thr(3)]
+    out = schedule_app(ready, engines, latency_pack_slack=0.25)
+    assert out == [Placement(1, "a"), Placement(2, "c"), Placement(3, "d")]
+    # Off (None), or with no throughput work anywhere: the smallest batch, as before.
+    assert schedule_app(ready, engines) == [
+        Placement(1, "c"), Placement(2, "d"), Placement(3, "a")
+    ]
+    only_latency = [eng("a", running_calls=1, running_latency=1, latency_kv_tokens=200), eng("c")]
+    assert schedule_app([lat(1)], only_latency, latency_pack_slack=0.25) == [Placement(1, "c")]

@@ -99,8 +99,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     step. latency_step_slack: a step that carries latency work may take at most this share
     longer than that work alone, as the engine's step-time model predicts; throughput work
     (prefill chunks, map-stage decodes) fills only that slack (`step_budget.StepBudget`; None:
-    no limit, the request-level baseline's behaviour). 0.25 keeps a latency call's per-token
-    time within 1.25x of alone, under any throughput load, on any device.
+    no limit, the request-level baseline's behaviour). "auto": 0.25 on the CPU, 0.5 on CUDA
+    and simulated GPUs (from the measured trade-off: on the simulated A6000/A100 0.5 keeps
+    Fig. 18's chats at 1.7x the throughput-tuned baseline's per-token latency and its jobs
+    ahead, where 0.25 made them slower; docs/design.md).
     throughput_step_tokens: the limit in tokens used instead while a real engine has no fit of
     its steps yet (its first `step_fit.min_samples` steps; "auto": 64 on the CPU, where a decode
     step at small batch takes ~130 ms and 64 tokens of prefill add about as much again; 512 on
@@ -137,7 +139,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     kv_cache_bytes: int = 1 << 30
     max_batch_tokens: int = 2048
     max_running: int = 64
-    latency_step_slack: float | None = 0.25
+    latency_step_slack: float | str | None = "auto"
     throughput_step_tokens: int | str | None = "auto"
     cascade: bool = True
     prefix_caching: bool | None = None
@@ -162,9 +164,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
                 f"throughput_step_tokens={tst!r}: must be a number of tokens > 0, 'auto' or None"
             )
         slack = self.latency_step_slack
-        if slack is not None and not (isinstance(slack, (int, float)) and 0 <= slack <= 100):
+        share = isinstance(slack, (int, float)) and 0 <= slack <= 100
+        if slack is not None and slack != "auto" and not share:
             raise InvalidRequestError(
-                f"latency_step_slack={slack!r}: must be a share in [0, 100] or None (no limit)"
+                f"latency_step_slack={slack!r}: must be a share in [0, 100], 'auto' or None "
+                "(no limit)"
             )
         if self.gil_switch_interval_s is not None and not 0 < self.gil_switch_interval_s <= 0.1:
             raise InvalidRequestError(
@@ -239,7 +243,7 @@ def _core(
         max_batch_tokens=config.max_batch_tokens,
         max_running=config.max_running,
         throughput_step_tokens=_throughput_step_tokens(config, device),
-        latency_step_slack=config.latency_step_slack,
+        latency_step_slack=_latency_step_slack(config, device),
         step_model=runner.step_model if isinstance(runner, SimRunner) else None,
         cascade=config.cascade,
         prefix_caching=config.prefix_caching is not False,
@@ -298,6 +302,15 @@ def _throughput_step_tokens(config: EngineConfig, device: torch.device | None) -
     if isinstance(tokens, str):
         return 512 if device is None or device.type == "cuda" else 64
     return tokens
+
+
+def _latency_step_slack(config: EngineConfig, device: torch.device | None) -> float | None:
+    """`config.latency_step_slack` with "auto" resolved for `device` (see EngineConfig; None:
+    a simulated engine, which simulates a GPU)."""
+    slack = config.latency_step_slack
+    if isinstance(slack, str):
+        return 0.5 if device is None or device.type == "cuda" else 0.25
+    return None if slack is None else float(slack)
 
 
 @dataclass(eq=False)

@@ -340,6 +340,7 @@ class Scheduler:
                 cfg.throughput_cap,
                 cfg.max_throughput_wait_s,
                 latency_tpot_s=cfg.latency_tpot_s,
+                latency_pack_slack=cfg.latency_pack_slack,
             )
         groups = self.sharing.token_groups(infos, placements, self._ids)
         block_size = {s.name: s.block_size for s in states}

@@ -22,7 +22,11 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     engine batches, `max_running`; the paper-era slot count, kept as an option).
     latency_tpot_s: an engine takes another latency call only while the predicted decode step
     of its latency calls stays within this many seconds (its step-time model; None: no time
-    bound). throughput_cap: at most this many running calls per engine for throughput work.
+    bound). latency_pack_slack: while throughput work runs, latency calls are packed on the
+    engines already running latency work as long as their predicted decode step stays within
+    this share of one call's alone, and throughput calls go to the other engines
+    (`policy.packs_latency`; None: latency calls go to the smallest batch).
+    throughput_cap: at most this many running calls per engine for throughput work.
     max_latency_wait_s: a latency request whose predicted wait (`Scheduler.admit`, from the
     engines' step-time models) is over this many seconds is refused with `OverloadedError`
     (HTTP 429, `Retry-After`) instead of joining a queue without bound (None: never refused);
@@ -45,6 +49,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     automatic_prefix_caching: bool | None = None
     latency_cap: int | None = None
     latency_tpot_s: float | None = None
+    latency_pack_slack: float | None = 0.25
     throughput_cap: int = 64
     max_latency_wait_s: float | None = 60.0
     tenant_max_latency_wait_s: dict[str, float] = msgspec.field(default_factory=dict)
@@ -65,6 +70,10 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
         if (self.latency_cap is not None and self.latency_cap <= 0) or self.throughput_cap <= 0:
             raise InvalidRequestError(
                 f"latency_cap={self.latency_cap}, throughput_cap={self.throughput_cap}: must be > 0"
+            )
+        if self.latency_pack_slack is not None and not 0 <= self.latency_pack_slack < 100:
+            raise InvalidRequestError(
+                f"latency_pack_slack={self.latency_pack_slack!r}: must be in [0, 100), or None"
             )
         waits: dict[str, float | None] = {"latency_tpot_s": self.latency_tpot_s}
         waits["max_latency_wait_s"] = self.max_latency_wait_s

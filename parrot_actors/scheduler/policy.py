@@ -183,6 +183,24 @@ def latency_admits(
     return latency_step_s(engine.step_model, lat_calls + 1, kv) <= latency_tpot_s
 
 
+def packs_latency(
+    engine: EngineState, call: CallInfo, lat_calls: int, lat_kv: int, slack: float
+) -> bool:
+    """Whether latency call `call` may join the `lat_calls` latency calls (holding `lat_kv` KV
+    tokens) on `engine` instead of an engine without latency work: the predicted decode step
+    of all of them stays within `(1 + slack)` times the step of `call` alone. On a GPU a
+    decode step is bound by the weight read, so latency work packed on a few engines costs
+    it little and leaves the others' steps free of its time budget for throughput work
+    (Parrot §5.4: latency work on engines apart from throughput work). False without a
+    step-time model or latency work there."""
+    model = engine.step_model
+    if model is None or lat_calls == 0:
+        return False
+    mine = call.prompt_tokens + call.max_new_tokens
+    alone = latency_step_s(model, 1, mine)
+    return latency_step_s(model, lat_calls + 1, lat_kv + mine) <= (1 + slack) * alone
+
+
 def predicted_wait_s(ahead: int, slots: int, call_s: float) -> float:
     """Seconds a new call waits before it runs with `ahead` calls before it (running and
     queued) on `slots` batch slots, each call taking `call_s` seconds: a queue of `slots`
@@ -203,6 +221,7 @@ def schedule_app(
     max_throughput_wait_s: float = 5.0,
     affinity_load_bound: int = 8,
     latency_tpot_s: float | None = None,
+    latency_pack_slack: float | None = None,
 ) -> list[Placement]:
     """Application-centric placement (Parrot, OSDI 2024, §5.2 and §6).
 
@@ -210,6 +229,10 @@ def schedule_app(
       among those that take them (`latency_admits`: under `latency_cap` calls, None: the
       engine's batch size, and within `latency_tpot_s` by the engine's step-time model); they
       wait when none does (the engine then also admits them before throughput work).
+      With `latency_pack_slack` set and throughput work running or ready, latency work is
+      kept apart from it: a latency call joins an engine with latency work while
+      `packs_latency` holds, else goes where the least throughput work runs; throughput calls
+      prefer engines without latency work (whose steps have no time budget).
     - Throughput calls fill engines up to `throughput_cap` running calls each, so batches are
       large. Members of a task group (a map stage) are dispatched together, onto the engine of
       the group's first member while it has room. Other calls balance load.
@@ -230,6 +253,10 @@ def schedule_app(
     group_engine: dict[int, str] = {}
     key_engine: dict[str, str] = {}
     out: list[Placement] = []
+    apart = latency_pack_slack is not None and (
+        any(e.running_calls > e.running_latency for e in engines)
+        or any(c.objective != "latency" for c in ready)
+    )
     for call in _admission_order(ready, max_throughput_wait_s):
         cands = eligible(call, engines)
         is_latency = call.objective == "latency"
@@ -256,6 +283,21 @@ def schedule_app(
             best = min(affine, key=lambda e: (load[e.name], e.name))
         elif group is not None and any(e.name == group for e in cands):
             best = next(e for e in cands if e.name == group)
+        elif apart and is_latency:
+            slack = latency_pack_slack or 0.0
+            packed = [
+                e for e in cands if packs_latency(e, call, lat[e.name], lat_kv[e.name], slack)
+            ]
+            # Least throughput work first; then join the most latency work when it packs,
+            # else the least.
+            sign = -1 if packed else 1
+            keys = {
+                e.name: (load[e.name] - lat[e.name], sign * lat[e.name], load[e.name], e.name)
+                for e in packed or cands
+            }
+            best = next(e for e in cands if e.name == min(keys.values())[3])
+        elif apart:
+            best = min(cands, key=lambda e: (lat[e.name] > 0, load[e.name], e.name))
         else:
             best = min(cands, key=lambda e: (load[e.name], e.name))
         if call.task_group is not None:

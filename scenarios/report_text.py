@@ -78,11 +78,12 @@ NOTES: dict[str, str] = {
     "chain-background": (
         "Both engines run at most 8 sequences, and 24 closed-loop background clients keep about "
         "16 requests queued. In the baseline the chain's next request joins the back of that "
-        "FCFS queue after its round trip: its chain_step calls show a TTFT of 2.2-4.2 s (the "
-        "JSON's calls), nearly all of it queueing. In Parrot the chain was awaited with "
+        "FCFS queue after its round trip: the baseline's calls wait 3.57 s for their first "
+        "token on average, nearly all of it queueing (Parrot's: 1.27 s, background calls "
+        "included). In Parrot the chain was awaited with "
         "`pa.LATENCY` and the background with `pa.THROUGHPUT`, so each step is dispatched the "
         "moment the previous one resolves and the engine admits it ahead of the queued "
-        "throughput work (TTFT under 1 s). The background requests' own latency and rate stay "
+        "throughput work. The background requests' own latency and rate stay "
         "comparable (see the background apps)."
     ),
     "chain-background-light": (
@@ -93,7 +94,7 @@ NOTES: dict[str, str] = {
     "chain-multi": (
         "Four chains at once and no other load: the engine is never idle in either mode, so a "
         "baseline chain's round trips overlap with the other chains' compute and cost almost "
-        "nothing in makespan; per-step compute is the same (75 vs 78 engine steps). The "
+        "nothing in makespan; per-step compute is the same (72 vs 78 engine steps). The "
         "paper's gain here came from GPU batching across chains, which a compute-bound CPU "
         "step does not reward."
     ),
@@ -101,7 +102,7 @@ NOTES: dict[str, str] = {
         "Parrot submits 16 maps and the reduce at once; the maps form a task group and run as "
         "one batch: 97 engine steps in all, against 816 for the baseline, which sends one map "
         "after another (one sequence per step, plus 17 round trips = 4.25 s). A batched "
-        "decode step of 16 costs about 3.7x a single one here (TPOT 0.074 s vs 0.020 s), so "
+        "decode step of 16 costs about 3.8x a single one here (TPOT 0.094 s vs 0.025 s), so "
         "batching 16 maps gives about 4x on decode, while prefill is nearly the same work in "
         "both modes (1951 tokens computed and 256 reused vs 2191 computed)."
     ),
@@ -109,15 +110,15 @@ NOTES: dict[str, str] = {
         "The baseline computes the 1500-token system prompt for each of the 16 users (24604 "
         "prefill tokens); Parrot computes it once and forks it (2044 computed, 24064 reused). "
         "Decode differs as much: the baseline's 16 sequences each attend to their own 1.5k "
-        "context (TPOT about 0.59 s), Parrot's forks read the shared prefix once per step "
-        "(cascade attention, TPOT about 0.08 s). The ratio grows with the shared prompt's "
+        "context (TPOT about 0.72 s), Parrot's forks read the shared prefix once per step "
+        "(cascade attention, TPOT about 0.13 s). The ratio grows with the shared prompt's "
         "length (the real preamble is 5,107 tokens)."
     ),
     "gpts": (
         "Each app class's system prompt (a tenth of the paper's lengths: 112 to 744 tokens) "
         "is prefilled once by Parrot (1961 tokens computed vs 7769); outputs are a twentieth "
         "of the paper's. At 1.5 requests/s the baseline is not yet saturated on this CPU, so "
-        "the gain is in TTFT (0.12 s vs 0.40 s) and the normalized latency, not the unbounded "
+        "the gain is in TTFT (0.14 s vs 0.57 s) and the normalized latency, not the unbounded "
         "queueing the paper shows past the baseline's capacity; raise --rate to reach it."
     ),
     "multi-agent": (
@@ -131,7 +132,7 @@ NOTES: dict[str, str] = {
         "The same workflow with 1500 design tokens: below the 5x of the full-length entry, "
         "because less context is shared. Two reasons batching saves less here than on a GPU: "
         "on this CPU a decode step of 8 forks costs several times one sequence's (the linear "
-        "layers are compute-bound: TPOT 0.090 s in Parrot's batched stages vs 0.035 s for the "
+        "layers are compute-bound: TPOT 0.138 s in Parrot's batched stages vs 0.044 s for the "
         "baseline's single sequences), and the revisers' forked prefix covers the design and "
         "the first file only (the scheduler's dynamic prefix ends at a call's first input "
         "variable), so the other files and the review are prefilled by every reviser. "
@@ -146,6 +147,9 @@ NOTES: dict[str, str] = {
         "vs map objective only changes admission order). The paper's chat gains are 5.55x vs "
         "latency-tuned and 1.24x vs throughput-tuned (JCT 3.72x and 1.05x); its throughput-"
         "tuned gap comes from GPU batches whose size inflates per-token latency, while on "
-        "this CPU the 16 maps' prefill (3072 tokens) is short next to the chats' arrivals."
+        "this CPU the 16 maps' prefill (3072 tokens) is short next to the chats' arrivals. The "
+        "jobs pay for the chats here: while a chat decodes, the maps' prefill only fills the "
+        "25% slack of its step (`latency_step_slack`), so Parrot's job time is 9.16 s against "
+        "the throughput-tuned baseline's 8.32 s (0.91x) for chats at 1.05x."
     ),
 }

@@ -12,6 +12,7 @@ import torch
 import parrot_actors as pa
 from parrot_actors.engines import Engine, EngineConfig
 from parrot_actors.engines import contexts as contexts_module
+from parrot_actors.engines.core import EngineCore
 from parrot_actors.engines.engine import build_core
 from parrot_actors.errors import (
     EngineDiedError,
@@ -425,9 +426,14 @@ async def test_after_a_restart_the_scheduler_rebuilds_prefixes_it_held():
 
 
 def steps_of_a_latency_call_beside_throughput_work(cap: int | None) -> list[list[tuple]]:
-    """(context, kind, priority, new tokens) of each step of a core running a latency call
-    (10-token fill, 3 tokens generated) next to a 40-token throughput fill."""
+    """`steps_beside_throughput_work` on a core limited to `cap` throughput tokens a step."""
     core = build_core(tiny_config(throughput_step_tokens=cap, prefix_caching=False))
+    return steps_beside_throughput_work(core)
+
+
+def steps_beside_throughput_work(core: EngineCore) -> list[list[tuple]]:
+    """(context, kind, priority, new tokens) of each step of `core` running a latency call
+    (10-token fill, 3 tokens generated) next to a 40-token throughput fill."""
 
     def done(result: object, error: object) -> None:
         assert error is None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_config
 
 from parrot_actors.engines.engine import build_core
 from parrot_actors.engines.step_budget import StepBudget
 from parrot_actors.engines.step_time import StepShape, StepTimeModel, StepTotals
 from parrot_actors.errors import InvalidRequestError
-from parrot_actors.messages import LATENCY_PRIORITY, THROUGHPUT_PRIORITY, SamplingParams
+from tests.conftest import tiny_config
+from tests.test_engine_robust import steps_beside_throughput_work
 
 
 class Linear:
@@ -63,27 +63,14 @@ def test_engine_steps_follow_the_time_budget():
     core = build_core(tiny_config(prefix_caching=False, latency_step_slack=0.25))
     core.use_step_model(Linear())
 
-    def done(result: object, error: object) -> None:
-        assert error is None
-
-    lat, _ = core.open_context("lat", None)
-    core.add_fill(lat, list(range(100, 110)), LATENCY_PRIORITY, 0, done)
-    core.add_generate(lat, SamplingParams(max_tokens=3, ignore_eos=True), LATENCY_PRIORITY, done)
-    tp, _ = core.open_context("tp", None)
-    core.add_fill(tp, list(range(200, 240)), THROUGHPUT_PRIORITY, 0, done)
-    steps = []
-    while core.has_work():
-        plan = core.schedule()
-        assert plan is not None
-        steps.append([(r.ctx.id, r.kind, n) for r, n in plan.items])
-        core.finish_step(plan, core.execute(plan))
+    steps = steps_beside_throughput_work(core)
     # Latency fill of 10: 20 ms alone, limit 25 ms -> 5 throughput tokens. Latency decode at
     # context 11 / 12: 11.11 / 11.12 ms, limit ~13.9 ms -> 2 tokens. Alone again: the rest.
     assert steps == [
-        [("lat", "fill", 10), ("tp", "fill", 5)],
-        [("tp", "fill", 2), ("lat", "generate", 1)],
-        [("tp", "fill", 2), ("lat", "generate", 1)],
-        [("tp", "fill", 31)],
+        [("lat", "fill", 0, 10), ("tp", "fill", 1, 5)],
+        [("tp", "fill", 1, 2), ("lat", "generate", 0, 1)],
+        [("tp", "fill", 1, 2), ("lat", "generate", 0, 1)],
+        [("tp", "fill", 1, 31)],
     ]
     with pytest.raises(InvalidRequestError, match="latency_step_slack=-0.5"):
         tiny_config(latency_step_slack=-0.5).validate()

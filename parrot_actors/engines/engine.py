@@ -102,7 +102,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     no limit, the request-level baseline's behaviour). "auto": 0.25 on the CPU, 0.5 on CUDA
     and simulated GPUs (from the measured trade-off: on the simulated A6000/A100 0.5 keeps
     Fig. 18's chats at 1.7x the throughput-tuned baseline's per-token latency and its jobs
-    ahead, where 0.25 made them slower; docs/design.md).
+    ahead, where 0.25 made them slower; docs/design.md, docs/results.md).
     throughput_step_tokens: the limit in tokens used instead while a real engine has no fit of
     its steps yet (its first `step_fit.min_samples` steps; "auto": 64 on the CPU, where a decode
     step at small batch takes ~130 ms and 64 tokens of prefill add about as much again; 512 on

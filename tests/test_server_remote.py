@@ -14,6 +14,7 @@ import pytest
 import parrot_actors as pa
 from parrot_actors.engines.echo import EchoEngine
 from parrot_actors.server import BackgroundServer, ServerConfig
+from parrot_actors.server import client as client_module
 
 
 @pa.semantic_function(max_tokens=40)
@@ -286,3 +287,22 @@ async def test_closing_the_runtime_fails_pending_variables(server):
         out = step(src)
     with pytest.raises(pa.CallError, match="remote runtime was closed"):
         await out
+
+
+async def test_a_wait_sent_beside_a_call_cancelled_before_it_left_ends(server, monkeypatch):
+    monkeypatch.setattr(client_module, "EARLY_GET_S", 0.2)
+    monkeypatch.setattr(client_module, "BATCH_CALLS", 1)  # one call per batch, in turn
+    log = RequestLog()
+    async with pa.Runtime.connect(server.url, trace_configs=[log.trace]) as rt:
+        first, second = step(pa.Variable("x")), step(pa.Variable("y"))
+        rt.on_demand(second, "latency")  # awaited: its GET goes beside the batches
+        await asyncio.sleep(0)  # the first batch is on its way, the GET too
+        assert rt._fetching.get(second.id) is not None
+        assert second.cancel() is True  # cancelled before its own batch went out
+        await asyncio.sleep(1.0)
+        # Only the first call left; the second's GET got 404 once the 0.2 s grace was over
+        # and stopped (it does not ask every 0.2 s for a variable nobody will create).
+        assert log.count("POST", "/v1/calls") == 1
+        assert log.count("GET", "/v1/variables/") == 1
+        assert rt._fetching == {}
+        assert await first == echo("x")  # the session serves on

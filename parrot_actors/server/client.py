@@ -390,6 +390,8 @@ class RemoteRuntime(CurrentRuntime):
                 except NotFoundError:
                     if not created_within:
                         raise
+                    if var.done():
+                        return  # cancelled here before its batch went out: nothing to wait for
                     # The batch creating it is still on its way (or was refused: then
                     # `_fail_call` cancels this task); ask again once it is known.
                     created_within = 0.0 if var.id in self._known else created_within

@@ -165,8 +165,6 @@ class Scheduler:
         serves is left to `enqueue` (it fails or waits there). Raises `OverloadedError` with
         the seconds after which a retry would be under the bound."""
         cfg = self.config
-        probe = CallInfo(call_id=call.id, objective="", seq=0, model=call.model)
-        cands = eligible(probe, self.engine_states())
         if get_perf_objective(call) != "latency":
             queued = sum(
                 1
@@ -184,7 +182,11 @@ class Scheduler:
             return
         bound = cfg.tenant_max_latency_wait_s.get(tenant, cfg.max_latency_wait_s)
         self._tenant[call.id] = tenant
-        if bound is None or not cands:
+        if bound is None:
+            return
+        probe = CallInfo(call_id=call.id, objective="", seq=0, model=call.model)
+        cands = eligible(probe, self.engine_states())
+        if not cands:
             return
         caps = {s.name: cfg.latency_cap or s.max_running for s in cands}
         slots = sum(caps.values())
@@ -197,12 +199,10 @@ class Scheduler:
             return
         engine = self.engines[cands[0].name]
         model = engine.step_model()
-        prompt = len(call.prompt_ids) if call.prompt_ids is not None else 0
-        if call.prompt_ids is None:
-            with contextlib.suppress(ParrotError):  # an input without a value yet: unknown
-                prompt = len(engine.tokenize(first_segment(call, engine), first=True))
-        new = sum(sampling_of(p.sampling).max_tokens for p in call.pieces if p.kind == "output")
-        new *= call.samples
+        prompt = 0  # an input without a value yet: its length is unknown
+        with contextlib.suppress(ParrotError):
+            prompt = len(_prompt_ids(call, engine))
+        new = _max_new_tokens(call)
         call_s = service_s(model, prompt, 0, 0)
         cap = caps[cands[0].name]
         if model is not None:
@@ -394,12 +394,7 @@ class Scheduler:
         call = queued.call
         ids = self._ids.get(call.id)
         if ids is None:
-            if call.prompt_ids is not None:
-                ids = list(call.prompt_ids)
-            else:
-                ids = engine.tokenize(first_segment(call, engine), first=True)
-            self._ids[call.id] = ids
-        max_new = sum(sampling_of(p.sampling).max_tokens for p in call.pieces if p.kind == "output")
+            ids = self._ids[call.id] = _prompt_ids(call, engine)
         fcfs = self.config.policy == "fcfs"
         keys = self.sharing.keys_of(call, ids, engine) if self.shares_prefixes else ()
         if self.retention.engine_of(call.program) is not None:
@@ -411,7 +406,7 @@ class Scheduler:
             task_group=None if fcfs else call.task_group,
             prefix_keys=keys,
             prompt_tokens=len(ids),
-            max_new_tokens=max_new * call.samples,
+            max_new_tokens=_max_new_tokens(call),
             model=call.model,
             waited_s=now - queued.ready_at,
             attained=0.0 if fcfs else self.attained(call.program),
@@ -609,6 +604,20 @@ class Scheduler:
             self._spawn(self._free_context(kept.engine, kept.context_id))
         await self.sharing.close()
         await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+def _prompt_ids(call: SemanticCall, engine: EngineClient) -> list[int]:
+    """The token ids of `call`'s prompt before its first output on `engine`. Raises
+    `VariableError` if an input has no value yet."""
+    if call.prompt_ids is not None:
+        return list(call.prompt_ids)
+    return engine.tokenize(first_segment(call, engine), first=True)
+
+
+def _max_new_tokens(call: SemanticCall) -> int:
+    """The most tokens `call` generates: every output's `max_tokens`, times its samples."""
+    outputs = (p for p in call.pieces if p.kind == "output")
+    return sum(sampling_of(p.sampling).max_tokens for p in outputs) * call.samples
 
 
 def program_key(program: str | None) -> str:
